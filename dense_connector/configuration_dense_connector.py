@@ -229,7 +229,9 @@ class DenseConnectorConfig(PreTrainedConfig):
         return num_anyres_tokens(image_size, self.image_grid_pinpoints, self.vision_config.image_size, tile)
 
 
-def num_anyres_tokens(image_size: tuple[int, int], pinpoints: list[list[int]], tile_size: int, tile_tokens: int) -> int:
+def num_anyres_tokens(
+    image_size: tuple[int, int], pinpoints: list[list[int]], tile_size: int, tile_tokens: int
+) -> int:
     """Placeholders of an AnyRes image: the base image, then the unpadded tile grid with one newline per row."""
     height, width = select_best_resolution(image_size, pinpoints)
     grid_rows, grid_cols = height // tile_size, width // tile_size

@@ -90,7 +90,9 @@ class DenseConnector(nn.Module):
             for g, group in enumerate(self.groups):
                 if index in group:
                     state32 = state.float()
-                    group_sums[g] = state32 if group_sums[g] is None else group_sums[g] + state32.to(group_sums[g].device)
+                    group_sums[g] = (
+                        state32 if group_sums[g] is None else group_sums[g] + state32.to(group_sums[g].device)
+                    )
 
         def make_hook(layer_index: int):
             def hook(module, args, kwargs, output):

@@ -75,7 +75,9 @@ class DenseConnectorProcessor(ProcessorMixin):
     def num_image_tokens(self, pixel_height: int, pixel_width: int, image_size: tuple[int, int] | None = None) -> int:
         """Placeholders for one image whose tower input is `pixel_height x pixel_width` (original size for AnyRes)."""
         tile = num_tile_tokens(
-            pixel_height // self.patch_size, self.dense_connector_type, self.sti_pool_stride,
+            pixel_height // self.patch_size,
+            self.dense_connector_type,
+            self.sti_pool_stride,
             self.image_downsample_factor,
         )
         pinpoints = getattr(self.image_processor, "image_grid_pinpoints", None)
@@ -150,8 +152,14 @@ class DenseConnectorProcessor(ProcessorMixin):
             pixel_videos = []
             for frames in videos:
                 frame_pixels = self.image_processor(list(frames), **{**frame_kwargs, "return_tensors": None})
-                pixel_videos.append(np.stack([np.asarray(p)[0] if np.asarray(p).ndim == 4 else np.asarray(p)
-                                              for p in frame_pixels["pixel_values"]]))
+                pixel_videos.append(
+                    np.stack(
+                        [
+                            np.asarray(p)[0] if np.asarray(p).ndim == 4 else np.asarray(p)
+                            for p in frame_pixels["pixel_values"]
+                        ]
+                    )
+                )
             data["pixel_values_videos"] = pixel_videos
             video_replacements = [
                 ("video", self.video_token_id, self.num_video_tokens(len(v), v.shape[-2])) for v in pixel_videos
@@ -166,9 +174,7 @@ class DenseConnectorProcessor(ProcessorMixin):
             sequences = []
             for sample in text:
                 sample_replacements = []
-                for match in re.finditer(
-                    "|".join(re.escape(t) for t in (self.image_token, self.video_token)), sample
-                ):
+                for match in re.finditer("|".join(re.escape(t) for t in (self.image_token, self.video_token)), sample):
                     queue = image_queue if match.group(0) == self.image_token else video_queue
                     sample_replacements.append(queue.pop(0))
                 sequences.append(self._tokenize(sample, add_special_tokens, sample_replacements))

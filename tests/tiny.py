@@ -1,0 +1,93 @@
+"""Tiny Dense Connector configs, tokenizer, processor and models shared by the tests (no downloads)."""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlavaImageProcessorPil
+
+from dense_connector import DenseConnectorConfig, DenseConnectorForConditionalGeneration, DenseConnectorProcessor
+
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures" / "original"
+FIXTURE_NAMES = ("clip_dci", "clip_sci", "siglip_dci", "siglip_dci_anyres")
+IMAGE_SIZE, PATCH_SIZE = 32, 4  # an 8x8 patch grid: 64 tokens per image (80 with STI)
+
+
+def tiny_tokenizer():
+    """The fixtures' 1000-piece SentencePiece Llama tokenizer with `<image>` (1000) and `<video>` (1001) added."""
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "clip_dci" / "original")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer
+
+
+def tiny_config(tower: str = "clip", connector: str = "dci", **overrides) -> DenseConnectorConfig:
+    """A 4-layer CLIP or SigLIP tower, a 2-layer Llama, vocabulary 1002 (the tiny tokenizer's)."""
+    vision_config = {
+        "model_type": "clip_vision_model" if tower == "clip" else "siglip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "image_size": IMAGE_SIZE,
+        "patch_size": PATCH_SIZE,
+    }
+    if tower == "siglip":
+        vision_config["vision_use_head"] = False
+    text_config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 1002,
+        "max_position_embeddings": 512,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    kwargs = {
+        "vision_config": vision_config,
+        "text_config": text_config,
+        "image_token_id": 1000,
+        "video_token_id": 1001,
+        "dense_connector_type": connector,
+        "vision_feature_layer": -2 if tower == "clip" else -1,
+        "vision_feature_select_strategy": "default" if tower == "clip" else "full",
+    }
+    kwargs.update(overrides)
+    return DenseConnectorConfig(**kwargs)
+
+
+def tiny_model(config: DenseConnectorConfig, seed: int = 0) -> DenseConnectorForConditionalGeneration:
+    torch.manual_seed(seed)
+    return DenseConnectorForConditionalGeneration(config).eval()
+
+
+def tiny_processor(config: DenseConnectorConfig, chat_template: str | None = None) -> DenseConnectorProcessor:
+    """`pad` preprocessing (pad to square with the mean colour) for the config's tower size."""
+    size = config.vision_config.image_size
+    if config.vision_config.model_type.startswith("siglip"):
+        image_processor = LlavaImageProcessorPil(
+            do_pad=True,
+            size={"height": size, "width": size},
+            do_center_crop=False,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        )
+    else:
+        image_processor = LlavaImageProcessorPil(
+            do_pad=True, size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+    return DenseConnectorProcessor(
+        image_processor=image_processor,
+        tokenizer=tiny_tokenizer(),
+        chat_template=chat_template,
+        patch_size=config.vision_config.patch_size,
+        dense_connector_type=config.dense_connector_type,
+        sti_pool_stride=config.sti_pool_stride,
+        image_downsample_factor=config.image_downsample_factor,
+        video_pool_stride=config.video_pool_stride,
+    )
