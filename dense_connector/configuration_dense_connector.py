@@ -183,7 +183,8 @@ class DenseConnectorConfig(PreTrainedConfig):
         patches = self.patches_per_side
         if patches % self.image_downsample_factor:
             raise ValueError(
-                f"image_downsample_factor={self.image_downsample_factor} must divide the {patches}x{patches} patch grid."
+                f"image_downsample_factor={self.image_downsample_factor} must divide the "
+                f"{patches}x{patches} patch grid."
             )
         if self.image_grid_pinpoints is not None:
             size = self.vision_config.image_size

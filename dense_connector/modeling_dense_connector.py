@@ -79,7 +79,7 @@ class DenseConnector(nn.Module):
     def collect_hidden_states(
         self, vision_tower: nn.Module, pixel_values: torch.Tensor, **kwargs
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run the tower once; return `F` and the connector's extra states (layers for STI/SCI, group means for DCI)."""
+        """Run the tower once; return `F` and the extra states (STI/SCI layers, or DCI group means)."""
         singles = {self.feature_layer, *self.layers}
         kept: dict[int, torch.Tensor] = {}
         group_sums: list[torch.Tensor | None] = [None] * len(self.groups)
@@ -122,7 +122,7 @@ class DenseConnector(nn.Module):
         return final, extras
 
     def downsample(self, features: torch.Tensor) -> torch.Tensor:
-        """Efficient Dense Connector: bilinear downsampling of the square patch grid by `downsample_factor` per side."""
+        """Efficient Dense Connector: bilinear downsampling of the square patch grid, per side."""
         if self.downsample_factor == 1:
             return features
         batch, tokens, channels = features.shape
@@ -233,7 +233,8 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         if self.config.image_grid_pinpoints is None:
             if pixel_values.dim() != 4:
                 raise ValueError(
-                    f"pixel_values must be (num_images, channels, height, width), got shape {tuple(pixel_values.shape)}."
+                    "pixel_values must be (num_images, channels, height, width), got shape "
+                    f"{tuple(pixel_values.shape)}."
                 )
             features = self.connector(self.vision_tower, pixel_values.to(self.vision_tower.dtype), **kwargs)
             return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=list(features))
@@ -256,7 +257,7 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
 
     @can_return_tuple
     def get_video_features(self, pixel_values_videos: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        """Encode `(num_videos, frames, C, H, W)` frame by frame, max-pool each frame's tokens, join them in time order."""
+        """Encode `(videos, frames, C, H, W)` frame by frame, max-pool each frame's tokens, join in time order."""
         if pixel_values_videos.dim() != 5:
             raise ValueError(
                 "pixel_values_videos must be (num_videos, frames, channels, height, width), got shape "
