@@ -1,6 +1,8 @@
 """PyTorch Dense Connector model: a LLaVA-style model whose connector reads several vision-encoder layers."""
 
 import copy
+import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +14,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.hub import hf_api
 
 from .configuration_dense_connector import DenseConnectorConfig, select_best_resolution, unpadded_grid_size
 
@@ -149,6 +152,31 @@ class DenseConnector(nn.Module):
         return self.projector(self.fuse(final, extras))
 
 
+MODEL_CARD = """---
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags:
+- dense-connector
+- image-text-to-text
+---
+
+# Dense Connector ({connector}) vision-language model
+
+A `{architecture}` ([Dense Connector](https://arxiv.org/abs/2405.13800), Yao et al., NeurIPS 2024): a
+`{tower}` vision tower whose hidden states `{layers}` are fused by the **{connector}** connector, projected,
+and fed to a `{language_model}` language model ({tokens} tokens per tower-sized image).
+
+The modeling code ships with the weights; load it with `trust_remote_code=True`:
+
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("<this repo>", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("<this repo>", trust_remote_code=True)
+```
+"""
+
+
 class DenseConnectorPreTrainedModel(PreTrainedModel):
     config: DenseConnectorConfig
     config_class = DenseConnectorConfig
@@ -162,6 +190,51 @@ class DenseConnectorPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # the hidden-state hooks and per-image AnyRes shapes are not graph-friendly
+
+    def model_card(self) -> str:
+        """A model card naming the architecture, connector, tower and language model."""
+        config = self.config
+        return MODEL_CARD.format(
+            architecture=type(self).__name__,
+            connector=config.dense_connector_type,
+            tower=config.vision_config.model_type,
+            layers=config.dense_connector_layers or config.dense_connector_groups or "-",
+            language_model=config.text_config.model_type,
+            tokens=config.num_image_tokens((config.vision_config.image_size,) * 2),
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """Save as transformers does, plus a `README.md` model card when the folder has none."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        card = os.path.join(save_directory, "README.md")
+        if not os.path.exists(card):
+            with open(card, "w", encoding="utf-8") as f:
+                f.write(self.model_card())
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str = "Upload Dense Connector model",
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str = "5GB",
+        **kwargs,
+    ):
+        """Upload a complete folder (weights, config with `auto_map`, code, model card) in one commit."""
+        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            return self._upload_modified_files(
+                folder,
+                repo_id,
+                files_timestamps={},
+                commit_message=commit_message,
+                token=token,
+                create_pr=create_pr,
+                revision=revision,
+            )
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -257,13 +330,20 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
 
     @can_return_tuple
     def get_video_features(self, pixel_values_videos: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        """Encode `(videos, frames, C, H, W)` frame by frame, max-pool each frame's tokens, join in time order."""
+        """Project videos into the LM's embedding space, training-free (FreeVA style, as the paper evaluates video).
+
+        `pixel_values_videos` is `(num_videos, frames, C, H, W)`. Every frame goes through the tower, connector and
+        projector like an image; its tokens are max-pooled by `video_pool_stride`; the frames are joined in time order.
+        `pooler_output` holds one `(frames * tokens, hidden)` tensor per video. A video longer than the language
+        model's `max_position_embeddings` is refused before the tower runs.
+        """
         if pixel_values_videos.dim() != 5:
             raise ValueError(
                 "pixel_values_videos must be (num_videos, frames, channels, height, width), got shape "
                 f"{tuple(pixel_values_videos.shape)}."
             )
         num_videos, num_frames = pixel_values_videos.shape[:2]
+        self._check_positions(self.config.num_video_tokens(num_frames), f"A video of {num_frames} frames")
         frames = pixel_values_videos.flatten(0, 1).to(self.vision_tower.dtype)
         features = self.connector(self.vision_tower, frames)
         stride = self.config.video_pool_stride
@@ -271,6 +351,16 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
             features = F.max_pool1d(features.transpose(1, 2), stride, stride).transpose(1, 2)
         videos = features.reshape(num_videos, num_frames * features.shape[1], features.shape[-1])
         return BaseModelOutputWithPooling(last_hidden_state=videos, pooler_output=list(videos))
+
+    def _check_positions(self, positions: int, what: str) -> None:
+        """Refuse, before any compute, an input longer than the language model's `max_position_embeddings`."""
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        if limit is not None and positions > limit:
+            raise ValueError(
+                f"{what} takes {positions} positions, more than the language model's max_position_embeddings={limit}. "
+                "Sample fewer frames (the processor's `num_video_frames`, or `num_frames=` when calling it), keep "
+                "the per-frame max-pooling on (`video_pool_stride` > 1), or shorten the prompt."
+            )
 
     def _scatter_features(
         self,
@@ -316,6 +406,9 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         mm_encoder_outputs = dict(mm_encoder_outputs or {})
+        if pixel_values_videos is not None or mm_encoder_outputs.get("video") is not None:
+            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            self._check_positions(past_length + inputs_embeds.shape[1], "The prompt with its video placeholders")
         if pixel_values is not None:
             if mm_encoder_outputs.get("image") is not None:
                 raise ValueError("Pass either pixel_values or pre-computed image features, not both.")

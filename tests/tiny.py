@@ -1,5 +1,8 @@
 """Tiny Dense Connector configs, tokenizer, processor and models shared by the tests (no downloads)."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -91,3 +94,44 @@ def tiny_processor(config: DenseConnectorConfig, chat_template: str | None = Non
         image_downsample_factor=config.image_downsample_factor,
         video_pool_stride=config.video_pool_stride,
     )
+
+
+HIDE_PACKAGE = """
+import importlib.abc, sys
+
+
+class _HideDenseConnector(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "dense_connector" or name.startswith("dense_connector."):
+            raise ImportError(f"{name} is hidden: this process must work from remote code alone")
+
+
+sys.meta_path.insert(0, _HideDenseConnector())
+try:
+    import dense_connector  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("dense_connector is still importable")
+"""
+
+
+def run_without_package(script: str, tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh Python where `import dense_connector` fails, offline, with its own HF cache."""
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": "",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", HIDE_PACKAGE + script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, f"remote-code subprocess failed:\n{result.stdout}\n{result.stderr}"
+    return result
