@@ -2,9 +2,8 @@
 
 import math
 
-from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+from transformers.configuration_utils import SubConfigSpec, strict
 
 
 CONNECTOR_TYPES = ("sti", "sci", "dci", "none")
@@ -228,6 +227,18 @@ class DenseConnectorConfig(PreTrainedConfig):
         if self.image_grid_pinpoints is None:
             return tile
         return num_anyres_tokens(image_size, self.image_grid_pinpoints, self.vision_config.image_size, tile)
+
+    def num_video_tokens(self, num_frames: int) -> int:
+        """Placeholders one video of `num_frames` frames takes; every frame is encoded as one tower-sized image."""
+        tile = num_tile_tokens(
+            self.patches_per_side, self.dense_connector_type, self.sti_pool_stride, self.image_downsample_factor
+        )
+        return num_video_tokens(num_frames, tile, self.video_pool_stride)
+
+
+def num_video_tokens(num_frames: int, frame_tokens: int, video_pool_stride: int) -> int:
+    """Placeholders of a video: each frame's `frame_tokens` features max-pooled by `video_pool_stride`, all frames."""
+    return num_frames * (frame_tokens // video_pool_stride)
 
 
 def num_anyres_tokens(

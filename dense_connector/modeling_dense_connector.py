@@ -191,6 +191,28 @@ class DenseConnectorPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # the hidden-state hooks and per-image AnyRes shapes are not graph-friendly
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Load as transformers does, but refuse a checkpoint whose tensors do not match the model.
+
+        transformers only warns about missing tensors (and initialises them at random) and about extra ones; a
+        Dense Connector checkpoint with either is broken or belongs to another model, so it is an error here.
+        """
+        return_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {
+            kind: sorted(info.get(key) or [])
+            for kind, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"))
+        }
+        if any(problems.values()):
+            listed = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in problems.items() if names)
+            raise ValueError(
+                f"The checkpoint does not match {cls.__name__} built from its config ({listed}). It is incomplete "
+                "or was saved from a different model; convert original checkpoints with "
+                "conversion_scripts/convert_dense_connector_to_hf.py."
+            )
+        return (model, info) if return_info else model
+
     def model_card(self) -> str:
         """A model card naming the architecture, connector, tower and language model."""
         config = self.config
@@ -246,6 +268,8 @@ class DenseConnectorPreTrainedModel(PreTrainedModel):
 class DenseConnectorModel(DenseConnectorPreTrainedModel):
     """Vision tower, Dense Connector and language model, without a language-modeling head."""
 
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # loading the base model from a full checkpoint
+
     def __init__(self, config: DenseConnectorConfig):
         super().__init__(config)
         # Layers after the deepest hidden state the connector reads are never built nor run.
@@ -292,6 +316,19 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         grid_features = torch.cat([grid_features, newline.expand(keep_rows, 1, hidden)], dim=1)
         return torch.cat([base, grid_features.flatten(0, 1)], dim=0)
 
+    def _check_pixels(self, pixels: torch.Tensor, layout: str | None, name: str = "pixel_values") -> None:
+        """Refuse pixels the tower cannot encode correctly, saying what was expected."""
+        layout = layout or "(num_images, channels, height, width)"
+        vision = self.config.vision_config
+        expected = (vision.num_channels, vision.image_size, vision.image_size)
+        if pixels.dim() != layout.count(",") + 1 or tuple(pixels.shape[-3:]) != expected:
+            raise ValueError(
+                f"{name} must have shape {layout} with (channels, height, width) = {expected} for this vision tower; "
+                f"got {tuple(pixels.shape)}. Prepare images with the model's processor."
+            )
+        if not pixels.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor (normalised pixels), got {pixels.dtype}.")
+
     @can_return_tuple
     def get_image_features(
         self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs
@@ -303,20 +340,14 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         `(tokens, hidden)` tensor per image: exactly what replaces that image's placeholders.
         """
         kwargs = {k: v for k, v in kwargs.items() if k in ("output_attentions",)}
-        if self.config.image_grid_pinpoints is None:
-            if pixel_values.dim() != 4:
-                raise ValueError(
-                    "pixel_values must be (num_images, channels, height, width), got shape "
-                    f"{tuple(pixel_values.shape)}."
-                )
+        anyres = self.config.image_grid_pinpoints is not None
+        self._check_pixels(pixel_values, "(num_images, tiles, channels, height, width)" if anyres else None)
+        if not anyres:
             features = self.connector(self.vision_tower, pixel_values.to(self.vision_tower.dtype), **kwargs)
             return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=list(features))
 
-        if pixel_values.dim() != 5 or image_sizes is None:
-            raise ValueError(
-                "AnyRes needs pixel_values of shape (num_images, tiles, channels, height, width) and image_sizes; got "
-                f"shape {tuple(pixel_values.shape)} and image_sizes={'None' if image_sizes is None else 'given'}."
-            )
+        if image_sizes is None:
+            raise ValueError("AnyRes needs image_sizes (the original height and width of each image) with pixel_values.")
         grids = self._tiles_per_image(image_sizes)
         counts = [1 + rows * cols for rows, cols in grids]
         tiles = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, counts)], dim=0)
@@ -343,7 +374,7 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
                 f"{tuple(pixel_values_videos.shape)}."
             )
         num_videos, num_frames = pixel_values_videos.shape[:2]
-        self._check_positions(self.config.num_video_tokens(num_frames), f"A video of {num_frames} frames")
+        self._check_video_length(num_frames)
         frames = pixel_values_videos.flatten(0, 1).to(self.vision_tower.dtype)
         features = self.connector(self.vision_tower, frames)
         stride = self.config.video_pool_stride
@@ -352,14 +383,25 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         videos = features.reshape(num_videos, num_frames * features.shape[1], features.shape[-1])
         return BaseModelOutputWithPooling(last_hidden_state=videos, pooler_output=list(videos))
 
-    def _check_positions(self, positions: int, what: str) -> None:
-        """Refuse, before any compute, an input longer than the language model's `max_position_embeddings`."""
+    def _check_video_length(self, num_frames: int) -> None:
+        """Refuse, before the tower runs, a video whose tokens alone exceed the LM's `max_position_embeddings`."""
         limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        positions = self.config.num_video_tokens(num_frames)
         if limit is not None and positions > limit:
             raise ValueError(
-                f"{what} takes {positions} positions, more than the language model's max_position_embeddings={limit}. "
-                "Sample fewer frames (the processor's `num_video_frames`, or `num_frames=` when calling it), keep "
-                "the per-frame max-pooling on (`video_pool_stride` > 1), or shorten the prompt."
+                f"A video of {num_frames} frames takes {positions} positions, more than the language model's "
+                f"max_position_embeddings={limit}. Sample fewer frames (the processor's `num_video_frames`, or "
+                "`num_frames=` when calling it) or keep the per-frame max-pooling on (`video_pool_stride` > 1)."
+            )
+
+    def _check_prompt_length(self, length: int, past_key_values: Cache | None) -> None:
+        """A prompt (placeholders included) longer than the LM's positions is refused before anything runs."""
+        max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
+        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        if prefill and max_positions is not None and length > max_positions:
+            raise ValueError(
+                f"The prompt is {length} tokens long (image and video placeholders included) but the language model "
+                f"has {max_positions} positions; shorten the text or use fewer images, frames or tiles."
             )
 
     def _scatter_features(
@@ -404,11 +446,9 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        self._check_prompt_length(inputs_embeds.shape[1], past_key_values)
 
         mm_encoder_outputs = dict(mm_encoder_outputs or {})
-        if pixel_values_videos is not None or mm_encoder_outputs.get("video") is not None:
-            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-            self._check_positions(past_length + inputs_embeds.shape[1], "The prompt with its video placeholders")
         if pixel_values is not None:
             if mm_encoder_outputs.get("image") is not None:
                 raise ValueError("Pass either pixel_values or pre-computed image features, not both.")

@@ -5,8 +5,9 @@ import re
 import numpy as np
 from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
+from transformers.video_utils import is_batched_video, is_valid_video
 
-from .configuration_dense_connector import num_anyres_tokens, num_tile_tokens
+from .configuration_dense_connector import num_anyres_tokens, num_tile_tokens, num_video_tokens
 
 
 class DenseConnectorProcessor(ProcessorMixin):
@@ -31,7 +32,8 @@ class DenseConnectorProcessor(ProcessorMixin):
         sti_pool_stride (`int`): the model's `sti_pool_stride`.
         image_downsample_factor (`int`): the model's `image_downsample_factor` (Efficient Dense Connector).
         video_pool_stride (`int`): the model's `video_pool_stride`.
-        num_video_frames (`int`, *optional*): sample this many frames uniformly from each video (all when `None`).
+        num_video_frames (`int`, *optional*): sample this many frames uniformly from each longer video (all frames
+            when `None`); `num_frames=` in a call overrides it.
     """
 
     def __init__(
@@ -86,15 +88,55 @@ class DenseConnectorProcessor(ProcessorMixin):
         return num_anyres_tokens(tuple(image_size), pinpoints, pixel_height, tile)
 
     def num_video_tokens(self, num_frames: int, pixel_height: int) -> int:
-        """Placeholders for one video of `num_frames` frames: per-frame tokens max-pooled by `video_pool_stride`."""
-        return num_frames * (self.num_image_tokens(pixel_height, pixel_height) // self.video_pool_stride)
+        """Placeholders for one video of `num_frames` frames, each `pixel_height` pixels square at the tower input."""
+        frame_tokens = self.num_image_tokens(pixel_height, pixel_height)
+        return num_video_tokens(num_frames, frame_tokens, self.video_pool_stride)
 
-    def _sample_frames(self, video) -> list:
-        frames = list(video) if not isinstance(video, np.ndarray) or video.ndim == 4 else [video]
-        if self.num_video_frames is None or len(frames) <= self.num_video_frames:
-            return frames
-        positions = np.linspace(0, len(frames) - 1, self.num_video_frames).round().astype(int)
-        return [frames[i] for i in positions]
+    @staticmethod
+    def _video_list(videos) -> list:
+        """`videos` as a list of videos, each a list of frames or a `(frames, height, width, channels)` array."""
+        if is_batched_video(videos):
+            return list(videos)
+        if is_valid_video(videos):
+            return [videos]
+        raise ValueError(
+            "`videos` must be one video (a list of PIL images, or an array or tensor of shape (frames, height, width, "
+            f"channels)) or a list of such videos; got {type(videos).__name__}."
+        )
+
+    @staticmethod
+    def _sample_frames(video, num_frames: int | None) -> list:
+        """`num_frames` frames spread uniformly over `video`: the middle frame of each of `num_frames` equal segments,
+        as the original evaluation code picks them. A video with no more frames than that keeps them all."""
+        total = len(video)
+        if num_frames is None or total <= num_frames:
+            return list(video)
+        segment = (total - 1) / num_frames
+        return [video[(round(segment * i) + round(segment * (i + 1))) // 2] for i in range(num_frames)]
+
+    def _frame_pixel_values(self, frames: list, images_kwargs: dict) -> np.ndarray:
+        """Frames preprocessed exactly like images, `(frames, C, H, W)`; an AnyRes processor's tiles are dropped and
+        only each frame's base (whole-image) view is kept, as a video frame is encoded as one tower-sized image."""
+        images_kwargs = {k: v for k, v in images_kwargs.items() if k != "image_grid_pinpoints"}
+        processed = self.image_processor(frames, **{**images_kwargs, "return_tensors": None})["pixel_values"]
+        views = [np.asarray(pixels) for pixels in processed]
+        return np.stack([pixels[0] if pixels.ndim == 4 else pixels for pixels in views])
+
+    def _process_videos(self, videos: list, images_kwargs: dict, num_frames: int | None) -> tuple[np.ndarray, list]:
+        """Sample and preprocess every video: `(num_videos, frames, C, H, W)` pixels and each video's placeholders."""
+        if num_frames is not None and num_frames < 1:
+            raise ValueError(f"num_frames={num_frames} must be a positive number of frames to sample per video.")
+        pixel_values = [
+            self._frame_pixel_values(self._sample_frames(video, num_frames), images_kwargs) for video in videos
+        ]
+        frame_counts = [len(pixels) for pixels in pixel_values]
+        if len(set(frame_counts)) > 1:
+            raise ValueError(
+                f"The videos have {frame_counts} frames after sampling; videos processed together must have the same "
+                "number of frames. Pass `num_frames=` (or set `num_video_frames`) no larger than the shortest video."
+            )
+        counts = [self.num_video_tokens(len(pixels), pixels.shape[-2]) for pixels in pixel_values]
+        return np.stack(pixel_values), counts
 
     def _tokenize(self, text: str, add_special_tokens: bool, replacements: list[tuple[str, int, int]]) -> list[int]:
         """Chunk-by-chunk tokenisation of one prompt; each placeholder expanded to its run of placeholder ids."""
@@ -130,43 +172,37 @@ class DenseConnectorProcessor(ProcessorMixin):
 
         data, replacements = {}, []
         if images is not None:
-            images = make_flat_list_of_images(self.image_processor.fetch_images(images))
+            images = self.image_processor.fetch_images(images)
+            if text is not None:
+                self._check_images_per_sample(text, images)
+            images = make_flat_list_of_images(images)
             if text is not None:
                 self._check_counts(text, self.image_token, len(images), "image")
             processed = self.image_processor(images, **{**images_kwargs, "return_tensors": None})
             data.update(processed)
             sizes = processed.get("image_sizes")
             for index, pixels in enumerate(processed["pixel_values"]):
-                height, width = np.asarray(pixels).shape[-2:]
+                height, width = pixels.shape[-2:]
                 count = self.num_image_tokens(height, width, None if sizes is None else sizes[index])
                 replacements.append(("image", self.image_token_id, count))
         elif text is not None:
             self._check_counts(text, self.image_token, 0, "image")
+        video_replacements = []
         if videos is not None:
-            videos = [self._sample_frames(video) for video in (videos if isinstance(videos, list) else [videos])]
+            if self.video_token_id is None:
+                raise ValueError(
+                    f"The tokenizer has no {self.video_token!r} token, so it cannot take videos; add it with "
+                    f"tokenizer.add_special_tokens({{'additional_special_tokens': [{self.video_token!r}]}})."
+                )
+            videos = self._video_list(videos)
             if text is not None:
                 self._check_counts(text, self.video_token, len(videos), "video")
-            if self.video_token_id is None:
-                raise ValueError(f"The tokenizer has no {self.video_token!r} token, so it cannot take videos.")
-            frame_kwargs = {k: v for k, v in images_kwargs.items() if k != "image_grid_pinpoints"}
-            pixel_videos = []
-            for frames in videos:
-                frame_pixels = self.image_processor(list(frames), **{**frame_kwargs, "return_tensors": None})
-                pixel_videos.append(
-                    np.stack(
-                        [
-                            np.asarray(p)[0] if np.asarray(p).ndim == 4 else np.asarray(p)
-                            for p in frame_pixels["pixel_values"]
-                        ]
-                    )
-                )
-            data["pixel_values_videos"] = pixel_videos
-            video_replacements = [
-                ("video", self.video_token_id, self.num_video_tokens(len(v), v.shape[-2])) for v in pixel_videos
-            ]
+            num_frames = merged["videos_kwargs"].get("num_frames")
+            num_frames = self.num_video_frames if num_frames is None else num_frames
+            data["pixel_values_videos"], counts = self._process_videos(videos, images_kwargs, num_frames)
+            video_replacements = [("video", self.video_token_id, count) for count in counts]
         elif text is not None:
             self._check_counts(text, self.video_token, 0, "video")
-            video_replacements = []
 
         if text is not None:
             add_special_tokens = text_kwargs.pop("add_special_tokens", True)
@@ -189,6 +225,18 @@ class DenseConnectorProcessor(ProcessorMixin):
             )
             data.update(padded)
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _check_images_per_sample(self, text: list[str], images) -> None:
+        """With images nested per sample (`[[a], [b, c]]`), each sample must hold one image per placeholder."""
+        nested = isinstance(images, (list, tuple)) and all(isinstance(group, (list, tuple)) for group in images)
+        if not nested or len(images) != len(text):
+            return
+        for index, (sample, group) in enumerate(zip(text, images)):
+            if sample.count(self.image_token) != len(group):
+                raise ValueError(
+                    f"Sample {index} has {sample.count(self.image_token)} {self.image_token} placeholder(s) but "
+                    f"{len(group)} image(s); pass exactly one image per placeholder in each sample."
+                )
 
     def _check_counts(self, text: list[str], token: str, num_given: int, modality: str) -> None:
         found = sum(sample.count(token) for sample in text)
