@@ -1,0 +1,117 @@
+"""Jinja chat templates for the two conversation formats of the released Dense Connector checkpoints.
+
+`vicuna_v1` (the Vicuna-7B/13B checkpoints) and `llama_3` (the Llama-3-8B-Instruct checkpoint) render exactly the
+prompts of the original conversation code, including its quirk that `llama_3` puts assistant turns under the
+`system` header (the released model was trained that way). Images and videos in a message become the `<image>` /
+`<video>` placeholder followed by a newline, at the start of that message, as the original places them.
+
+Messages may hold a plain string or transformers-style content items
+(`[{"type": "image"}, {"type": "text", "text": "..."}]`); a leading `system` message replaces the default system
+prompt.
+"""
+
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+LLAMA_3_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
+    "provides, and assist the user with a variety of tasks using natural language."
+)
+
+# Renders one message's content into `ns.text`: media placeholders first (in order), then the text items.
+_RENDER_CONTENT = """
+{%- macro render(content) -%}
+    {%- if content is string -%}
+        {{- content -}}
+    {%- else -%}
+        {%- set ns = namespace(media="", text="") -%}
+        {%- for item in content -%}
+            {%- if item["type"] == "image" -%}
+                {%- set ns.media = ns.media + "<image>\\n" -%}
+            {%- elif item["type"] == "video" -%}
+                {%- set ns.media = ns.media + "<video>\\n" -%}
+            {%- elif item["type"] == "text" -%}
+                {%- set ns.text = ns.text + item["text"] -%}
+            {%- else -%}
+                {{- raise_exception("Unsupported content type " + item["type"] + "; use image, video or text.") -}}
+            {%- endif -%}
+        {%- endfor -%}
+        {{- ns.media + ns.text -}}
+    {%- endif -%}
+{%- endmacro -%}
+"""
+
+_SYSTEM_PROMPT = """
+{%- if messages and messages[0]["role"] == "system" -%}
+    {%- set system_prompt = render(messages[0]["content"]) -%}
+    {%- set messages = messages[1:] -%}
+{%- else -%}
+    {%- set system_prompt = DEFAULT -%}
+{%- endif -%}
+"""
+
+_CHECK_ROLE = """
+        {%- if message["role"] not in ("user", "assistant") -%}
+            {{- raise_exception("Unsupported role " + message["role"] + "; only a first system message, then user "
+                                "and assistant messages, are supported.") -}}
+        {%- endif -%}
+"""
+
+VICUNA_V1 = (
+    _RENDER_CONTENT
+    + _SYSTEM_PROMPT.replace("DEFAULT", repr(VICUNA_V1_SYSTEM))
+    + """
+{{- system_prompt + " " -}}
+{%- for message in messages -%}
+"""
+    + _CHECK_ROLE
+    + """
+    {%- if message["role"] == "user" -%}
+        {{- "USER: " + render(message["content"]) + " " -}}
+    {%- else -%}
+        {{- "ASSISTANT: " + render(message["content"]) + "</s>" -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- "ASSISTANT:" -}}
+{%- endif -%}
+"""
+)
+
+LLAMA_3 = (
+    _RENDER_CONTENT
+    + _SYSTEM_PROMPT.replace("DEFAULT", repr(LLAMA_3_SYSTEM))
+    + """
+{{- "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n" + system_prompt + "<|eot_id|>" -}}
+{%- for message in messages -%}
+"""
+    + _CHECK_ROLE
+    + """
+    {%- set header = "user" if message["role"] == "user" else "system" -%}
+    {{- "<|start_header_id|>" + header + "<|end_header_id|>\\n\\n" + render(message["content"]) + "<|eot_id|>" -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- "<|start_header_id|>system<|end_header_id|>\\n\\n" -}}
+{%- endif -%}
+"""
+)
+
+CHAT_TEMPLATES: dict[str, str] = {"vicuna_v1": VICUNA_V1, "llama_3": LLAMA_3}
+
+# Tokens at which the original stops generating, per conversation format (for `generation_config.eos_token_id`).
+STOP_TOKENS: dict[str, list[str]] = {"vicuna_v1": ["</s>"], "llama_3": ["<|eot_id|>", "<|end_of_text|>"]}
+
+
+def stop_token_ids(tokenizer, conv_mode: str) -> list[int]:
+    """Ids of `STOP_TOKENS[conv_mode]` in `tokenizer`, for `generation_config.eos_token_id`."""
+    if conv_mode not in STOP_TOKENS:
+        raise ValueError(f"Unknown conversation format {conv_mode!r}; expected one of {sorted(STOP_TOKENS)}.")
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in STOP_TOKENS[conv_mode] if token not in vocab]
+    if missing:
+        raise ValueError(f"The tokenizer has no {missing} token(s), which the {conv_mode} format stops at.")
+    return [vocab[token] for token in STOP_TOKENS[conv_mode]]
+
+
+__all__ = ["CHAT_TEMPLATES", "LLAMA_3_SYSTEM", "STOP_TOKENS", "VICUNA_V1_SYSTEM", "stop_token_ids"]

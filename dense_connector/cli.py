@@ -1,0 +1,259 @@
+"""The `dense-connector` command: chat about images with a checkpoint, convert original checkpoints, run the demo.
+
+    dense-connector chat --model DIR_OR_HUB_ID --image PATH_OR_URL [--image ...] "question"
+    dense-connector chat --model DIR_OR_HUB_ID --image PATH_OR_URL --interactive
+    dense-connector convert ...            (see `dense-connector convert --help`)
+    dense-connector demo ["question"]      (the bundled demo checkpoint and sample image)
+
+Problems with the input (a missing file, something that is not an image, a folder that is not a Dense Connector
+checkpoint, a Hub id that cannot be reached) are reported as one line on stderr with a non-zero exit code; `--debug`
+shows the full traceback instead.
+"""
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import torch
+from huggingface_hub import hf_hub_download
+from PIL import Image, UnidentifiedImageError
+from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
+from transformers.image_utils import load_image as fetch_image
+
+
+PROG = "dense-connector"
+DEMO_QUESTION = "How many shapes are there?"
+DEFAULT_MAX_NEW_TOKENS = 512
+EXIT_WORDS = ("exit", "quit")
+CONVERT_HELP = "convert an original Dense Connector checkpoint to a transformers folder"
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for, shown as one line without a traceback."""
+
+
+def status(message: str) -> None:
+    """Progress for long steps, on stderr so that stdout holds only the answers."""
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def load_image(source: str) -> Image.Image:
+    """An RGB image from a local path or an http(s) URL."""
+    if source.startswith(("http://", "https://")):
+        try:
+            return fetch_image(source, timeout=30).convert("RGB")
+        except Exception as error:
+            raise UsageError(f"could not download the image {source}: {one_line(error)}") from error
+    path = Path(source)
+    if not path.is_file():
+        raise UsageError(f"image not found: {source}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise UsageError(f"{source} is not an image that Pillow can read ({one_line(error)})") from error
+
+
+def read_config(model_id: str) -> dict:
+    """The `config.json` of a local folder or a Hub repository, as a dict."""
+    path = Path(model_id)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{model_id} is not a Hugging Face checkpoint folder (it has no config.json)")
+        return json.loads((path / "config.json").read_text())
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+        raise UsageError(f"no such folder: {model_id}")
+    try:
+        return json.loads(Path(hf_hub_download(model_id, "config.json")).read_text())
+    except Exception as error:
+        raise UsageError(f"cannot load {model_id} from the Hugging Face Hub: {one_line(error)}") from error
+
+
+def check_checkpoint(model_id: str) -> None:
+    """Raise a UsageError saying why `model_id` is not a converted Dense Connector checkpoint, if it is not one."""
+    config = read_config(model_id)
+    if "mm_dense_connector_type" in config:
+        raise UsageError(
+            f"{model_id} is an original Dense Connector checkpoint; convert it first with `{PROG} convert` and "
+            "chat with the converted folder"
+        )
+    if config.get("model_type") != "dense_connector":
+        raise UsageError(f"{model_id} is a {config.get('model_type')!r} checkpoint, not a Dense Connector one")
+
+
+def load_checkpoint(model_id: str, device: str):
+    """Model (in eval mode, on `device`) and processor of a converted Dense Connector checkpoint.
+
+    The package's own classes load it (importing the package registers them with the Auto classes), so no remote
+    code runs.
+    """
+    status(f"loading {model_id} ...")
+    start = time.perf_counter()
+    check_checkpoint(model_id)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        processor = AutoProcessor.from_pretrained(model_id)
+        model = AutoModelForImageTextToText.from_pretrained(model_id, dtype="auto").to(device).eval()
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot load {model_id}: {one_line(error)}") from error
+    status(f"loaded in {time.perf_counter() - start:.1f} s on {device}")
+    return model, processor
+
+
+def respond(model, processor, messages: list[dict], max_new_tokens: int | None, temperature: float) -> str:
+    """Generate the assistant's reply to `messages`, streaming it to stdout as it comes; return it.
+
+    Without `max_new_tokens`, the checkpoint's generation config decides, or `DEFAULT_MAX_NEW_TOKENS` if it does not.
+    """
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    ).to(model.device, dtype=model.dtype)
+    max_new_tokens = max_new_tokens or model.generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
+    return processor.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def user_message(text: str, images: list[Image.Image]) -> dict:
+    content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": text}]
+    return {"role": "user", "content": content}
+
+
+def read_questions(first: str | None) -> Iterator[str]:
+    """`first` (when given), then lines from stdin until EOF, an empty line, or `exit`/`quit`."""
+    if first:
+        yield first
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip() or line.strip().lower() in EXIT_WORDS:
+            return
+        yield line.strip()
+
+
+def chat(args: argparse.Namespace) -> int:
+    if not args.interactive and not args.question:
+        raise UsageError("give a question (or use --interactive)")
+    images = [load_image(source) for source in args.image]
+    model, processor = load_checkpoint(args.model, args.device)
+    if processor.chat_template is None:
+        raise UsageError(f"{args.model} has no chat template; save one with the processor")
+    questions = read_questions(args.question) if args.interactive else [args.question]
+    messages: list[dict] = []
+    for question in questions:
+        # The images belong to the first user message, where the original conversations put them.
+        messages.append(user_message(question, [] if messages else images))
+        reply = respond(model, processor, messages, args.max_new_tokens, args.temperature)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
+    return 0
+
+
+@contextlib.contextmanager
+def bundled_demo() -> Iterator[tuple[Path, Path]]:
+    """Paths of the demo checkpoint and sample image shipped as package data."""
+    with resources.as_file(resources.files("dense_connector") / "demo") as folder:
+        yield folder / "checkpoint", folder / "sample.png"
+
+
+def demo(args: argparse.Namespace) -> int:
+    with bundled_demo() as (checkpoint, sample):
+        if args.model is None and not (checkpoint / "config.json").is_file():
+            raise UsageError(f"the demo checkpoint is not bundled with this install (expected {checkpoint})")
+        args.model = args.model or str(checkpoint)
+        args.image = args.image or [str(sample)]
+        args.question = args.question or DEMO_QUESTION
+        args.interactive = False
+        status(f"asking {args.question!r} about {', '.join(args.image)}")
+        return chat(args)
+
+
+def convert(argv: list[str]) -> int:
+    """Run the conversion script's own command line (imported only when asked for) under `dense-connector convert`."""
+    from dense_connector import conversion
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} convert", description=CONVERT_HELP)
+    return conversion.run_from_args(conversion.build_parser(parser).parse_args(argv))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        help=f"longest answer, in tokens (default: the checkpoint's generation config, else {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature; 0 (the default) answers greedily"
+    )
+    parser.add_argument("--device", default="auto", help="torch device, e.g. cpu or cuda (default: cuda if available)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Dense Connector vision-language models.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{chat,convert,demo}")
+
+    chat_parser = commands.add_parser("chat", help="answer a question about one or more images")
+    chat_parser.add_argument("--model", required=True, help="converted checkpoint: a local folder or a Hub id")
+    chat_parser.add_argument(
+        "--image", action="append", default=[], help="image file or http(s) URL; repeat for several images, in order"
+    )
+    chat_parser.add_argument("--interactive", action="store_true", help="keep chatting: read questions from stdin")
+    chat_parser.add_argument("question", nargs="?", help="the question (in --interactive mode, the first one)")
+    add_generation_options(chat_parser)
+
+    commands.add_parser("convert", help=f"{CONVERT_HELP} (see `convert --help`)", add_help=False)
+
+    demo_parser = commands.add_parser("demo", help="ask the bundled demo checkpoint about the bundled sample image")
+    demo_parser.add_argument("--model", help="use this checkpoint instead of the bundled one")
+    demo_parser.add_argument("--image", action="append", help="use this image instead of the bundled one")
+    demo_parser.add_argument("question", nargs="?", help=f"the question (default {DEMO_QUESTION!r})")
+    add_generation_options(demo_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        if "convert" in argv[:2] and argv[: argv.index("convert")] in ([], ["--debug"]):
+            return convert(argv[argv.index("convert") + 1 :])
+        args = build_parser().parse_args(argv)
+        return {"chat": chat, "demo": demo}[args.command](args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except Exception as error:
+        if debug:
+            raise
+        if isinstance(error, UsageError):
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+        else:
+            detail = f"{type(error).__name__}: {one_line(error)}"
+            print(f"{PROG}: error: {detail} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

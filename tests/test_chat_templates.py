@@ -1,0 +1,158 @@
+"""The chat templates render exactly the original conversation prompts, and the processor turns them into the
+original input ids."""
+
+import json
+
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+from tiny import FIXTURES, tiny_config, tiny_processor, tiny_tokenizer
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from dense_connector import DenseConnectorProcessor
+from dense_connector.chat_templates import CHAT_TEMPLATES, LLAMA_3_SYSTEM, STOP_TOKENS, stop_token_ids
+from dense_connector.conversion import convert_tokenizer
+
+
+CASES = json.loads((FIXTURES / "chat_prompts.json").read_text())
+
+
+def render(conv_mode: str, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    prompts, _ = render_jinja_template(
+        conversations=[messages], chat_template=CHAT_TEMPLATES[conv_mode], add_generation_prompt=add_generation_prompt
+    )
+    return prompts[0]
+
+
+def as_messages(turns: list[dict], structured: bool) -> list[dict]:
+    """The fixture's turns as chat messages; `structured` moves a leading `<image>\\n` into an image item."""
+    messages = []
+    for turn in turns:
+        text = turn["user"]
+        if structured:
+            items = [{"type": "text", "text": text.removeprefix("<image>\n")}]
+            if text.startswith("<image>\n"):
+                items.insert(0, {"type": "image"})
+            messages.append({"role": "user", "content": items})
+        else:
+            messages.append({"role": "user", "content": text})
+        if turn["assistant"] is not None:
+            messages.append({"role": "assistant", "content": turn["assistant"]})
+    return messages
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["string_content", "typed_items"])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c['conv_mode']}-{len(c['turns'])}turns" for c in CASES])
+def test_templates_reproduce_original_prompts(case, structured):
+    assert render(case["conv_mode"], as_messages(case["turns"], structured)) == case["prompt"]
+
+
+def test_generation_prompt_ends_where_the_original_generates():
+    messages = [{"role": "user", "content": "Hi"}]
+    assert render("vicuna_v1", messages).endswith(" USER: Hi ASSISTANT:")
+    assert render("vicuna_v1", messages, add_generation_prompt=False).endswith(" USER: Hi ")
+    llama = render("llama_3", messages)
+    assert llama.endswith("Hi<|eot_id|><|start_header_id|>system<|end_header_id|>\n\n")
+    assert render("llama_3", messages, add_generation_prompt=False).endswith("Hi<|eot_id|>")
+
+
+def test_system_message_replaces_default_and_media_lead_the_message():
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Compare."}, {"type": "image"}, {"type": "video"}, {"type": "image"}],
+        },
+    ]
+    assert render("vicuna_v1", messages) == "Answer briefly. USER: <image>\n<video>\n<image>\nCompare. ASSISTANT:"
+    llama = render("llama_3", messages)
+    assert LLAMA_3_SYSTEM not in llama
+    assert llama.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nAnswer briefly.<|eot_id|>")
+
+
+@pytest.mark.parametrize("conv_mode", sorted(CHAT_TEMPLATES))
+def test_unsupported_roles_and_items_are_refused(conv_mode):
+    with pytest.raises(Exception, match="Unsupported role tool"):
+        render(conv_mode, [{"role": "tool", "content": "x"}])
+    with pytest.raises(Exception, match="Unsupported content type audio"):
+        render(conv_mode, [{"role": "user", "content": [{"type": "audio"}]}])
+
+
+def test_stop_tokens():
+    tokenizer = tiny_tokenizer()
+    assert STOP_TOKENS["vicuna_v1"] == [tokenizer.eos_token]
+    assert stop_token_ids(tokenizer, "vicuna_v1") == [tokenizer.eos_token_id]
+    with pytest.raises(ValueError, match="no \\['<\\|eot_id\\|>', '<\\|end_of_text\\|>'\\] token"):
+        stop_token_ids(tokenizer, "llama_3")
+    with pytest.raises(ValueError, match="Unknown conversation format"):
+        stop_token_ids(tokenizer, "chatml")
+
+
+def fixture_chat(name: str = "clip_dci") -> tuple[dict, list[dict]]:
+    """A fixture's metadata and its conversation as chat messages."""
+    meta = json.loads((FIXTURES / name / "meta.json").read_text())
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": Image.open(FIXTURES / name / "image0.png")},
+                {"type": "text", "text": "Describe the picture in detail."},
+            ],
+        }
+    ]
+    return meta, messages
+
+
+def test_processor_chat_template_tokenizes_like_the_plain_prompt():
+    """`apply_chat_template(tokenize=True)` gives the ids of the processor on the rendered prompt (one BOS)."""
+    meta, messages = fixture_chat()
+    processor = tiny_processor(tiny_config(), chat_template=CHAT_TEMPLATES[meta["conv_mode"]])
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == meta["prompt"]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    direct = processor(text=meta["prompt"], images=messages[0]["content"][0]["image"])
+    assert inputs["input_ids"] == direct["input_ids"]
+    assert inputs["input_ids"][0].count(processor.tokenizer.bos_token_id) == 1
+    assert inputs["input_ids"][0].count(processor.image_token_id) == 64
+
+
+@pytest.mark.parametrize("name", ["clip_dci", "siglip_dci"])
+def test_template_with_converted_tokenizer_gives_original_input_ids(name):
+    """Template + the converter's tokenizer reproduce the original `tokenizer_image_token` ids exactly.
+
+    (The tests' `tiny_tokenizer` would not: the fixtures' SentencePiece model strips trailing spaces, which only the
+    converted tokenizer reproduces, so the original has no "▁" between "USER:" and the image.)
+    """
+    meta, messages = fixture_chat(name)
+    expected = load_file(FIXTURES / name / "golden.safetensors")["input_ids_original"][0].tolist()
+    original = FIXTURES / name / "original"
+    tokenizer = convert_tokenizer(original, json.loads((original / "config.json").read_text()))
+    processor = DenseConnectorProcessor(
+        image_processor=tiny_processor(tiny_config()).image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATES[meta["conv_mode"]],
+    )
+    ids = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)[0]
+    first, count = ids.index(processor.image_token_id), ids.count(processor.image_token_id)
+    assert ids[:first] + [-200] + ids[first + count :] == expected
+
+
+def test_llama_3_template_tokenizes_with_a_single_begin_of_text():
+    """The llama_3 prompt carries its own `<|begin_of_text|>`; the processor must not add a second one."""
+    processor = tiny_processor(tiny_config(), chat_template=CHAT_TEMPLATES["llama_3"])
+    header_tokens = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"]
+    processor.tokenizer.add_special_tokens(
+        {"additional_special_tokens": header_tokens}, replace_extra_special_tokens=False
+    )
+    processor.tokenizer.bos_token = "<|begin_of_text|>"
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": Image.new("RGB", (20, 30))}, {"type": "text", "text": "Hi"}],
+        }
+    ]
+    ids = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)[0]
+    vocab = processor.tokenizer.get_vocab()
+    assert ids[0] == vocab["<|begin_of_text|>"] and ids.count(vocab["<|begin_of_text|>"]) == 1
+    assert ids.count(processor.image_token_id) == 64
+    assert ids.count(vocab["<|eot_id|>"]) == 2 and ids[-1] != vocab["<|eot_id|>"]
+    assert stop_token_ids(processor.tokenizer, "llama_3") == [vocab["<|eot_id|>"], vocab["<|end_of_text|>"]]
