@@ -11,7 +11,8 @@ Both run in a temporary working directory that holds what the README's examples 
 - `dense-connector-7b/`: a tiny randomly initialised Dense Connector saved with `save_pretrained` (model, processor,
   `vicuna_v1` chat template, remote code), standing in for the output of `dense-connector convert`;
 - `photo.jpg`, `photo2.jpg`: two small images;
-- `examples/`: a link to the repository's `examples/` folder.
+- `examples/`, `conversion_scripts/`, `bench/`: links to the repository's folders, and `../shared/`: a link to the
+  reference fixtures beside the clone, so that commands written for the repository root run as written.
 
 The bundled demo (`dense-connector demo`) runs as installed, on the real bundled checkpoint.
 """
@@ -109,12 +110,14 @@ def test_readme_starts_with_setup_and_test_commands():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("readme")
+    folder = tmp_path_factory.mktemp("readme") / "repo"
+    folder.mkdir()
+    (folder.parent / "shared").symlink_to(REPO.parent / "shared")
     save_tiny_checkpoint(folder / "dense-connector-7b")
     for index, path in enumerate(save_images(folder, count=2)):
         Image.open(path).convert("RGB").save(folder / ("photo.jpg" if index == 0 else f"photo{index + 1}.jpg"))
-    if (REPO / "examples").is_dir():
-        (folder / "examples").symlink_to(REPO / "examples")
+    for name in ("examples", "conversion_scripts", "bench"):
+        (folder / name).symlink_to(REPO / name)
     return folder
 
 
