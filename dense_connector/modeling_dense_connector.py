@@ -82,20 +82,29 @@ class DenseConnector(nn.Module):
     def collect_hidden_states(
         self, vision_tower: nn.Module, pixel_values: torch.Tensor, **kwargs
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run the tower once; return `F` and the extra states (STI/SCI layers, or DCI group means)."""
+        """Run the tower once; return `F` and the extra states (STI/SCI layers, or DCI group means).
+
+        Forward hooks on the encoder layers keep only what the connector reads. A DCI group is summed in float32 as
+        its states go by and becomes its mean, in the tower's dtype, as soon as its last state is added: no group
+        ever holds its 12-13 states, and with contiguous groups only one float32 running sum exists at a time.
+        """
         singles = {self.feature_layer, *self.layers}
         kept: dict[int, torch.Tensor] = {}
-        group_sums: list[torch.Tensor | None] = [None] * len(self.groups)
+        sums: dict[int, torch.Tensor] = {}
+        means: dict[int, torch.Tensor] = {}
 
         def keep(index: int, state: torch.Tensor) -> None:
             if index in singles:
                 kept[index] = state
             for g, group in enumerate(self.groups):
-                if index in group:
-                    state32 = state.float()
-                    group_sums[g] = (
-                        state32 if group_sums[g] is None else group_sums[g] + state32.to(group_sums[g].device)
-                    )
+                if index not in group:
+                    continue
+                if g in sums:
+                    sums[g].add_(state.to(sums[g].device))
+                else:  # a copy: the state itself is the next layer's input and must stay untouched
+                    sums[g] = state.to(torch.float32, copy=True)
+                if index == max(group):
+                    means[g] = sums.pop(g).div_(len(group)).to(state.dtype)
 
         def make_hook(layer_index: int):
             def hook(module, args, kwargs, output):
@@ -116,10 +125,8 @@ class DenseConnector(nn.Module):
                 handle.remove()
 
         final = kept[self.feature_layer]
-        if self.connector_type == "dci":
-            extras = [(s / len(g)).to(final.device, final.dtype) for s, g in zip(group_sums, self.groups)]
-        else:
-            extras = [kept[i].to(final.device, final.dtype) for i in self.layers]
+        extras = [means[g] for g in range(len(self.groups))] if self.groups else [kept[i] for i in self.layers]
+        extras = [state.to(final.device, final.dtype) for state in extras]
         if self.drop_cls:
             final, extras = final[:, 1:], [state[:, 1:] for state in extras]
         return final, extras
@@ -148,8 +155,8 @@ class DenseConnector(nn.Module):
 
     def forward(self, vision_tower: nn.Module, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         """`(num_images, C, H, W)` pixels to `(num_images, tokens, text_hidden_size)` features."""
-        final, extras = self.collect_hidden_states(vision_tower, pixel_values, **kwargs)
-        return self.projector(self.fuse(final, extras))
+        fused = self.fuse(*self.collect_hidden_states(vision_tower, pixel_values, **kwargs))
+        return self.projector(fused)  # the separate states are freed before the projector's wider activations
 
 
 MODEL_CARD = """---
@@ -347,7 +354,7 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
             return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=list(features))
 
         if image_sizes is None:
-            raise ValueError("AnyRes needs image_sizes (the original height and width of each image) with pixel_values.")
+            raise ValueError("AnyRes needs image_sizes (each image's original height and width) with pixel_values.")
         grids = self._tiles_per_image(image_sizes)
         counts = [1 + rows * cols for rows, cols in grids]
         tiles = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, counts)], dim=0)

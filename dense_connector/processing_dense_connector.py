@@ -2,7 +2,7 @@
 
 import re
 
-import numpy as np
+import torch
 from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
 from transformers.video_utils import is_batched_video, is_valid_video
@@ -114,15 +114,14 @@ class DenseConnectorProcessor(ProcessorMixin):
         segment = (total - 1) / num_frames
         return [video[(round(segment * i) + round(segment * (i + 1))) // 2] for i in range(num_frames)]
 
-    def _frame_pixel_values(self, frames: list, images_kwargs: dict) -> np.ndarray:
+    def _frame_pixel_values(self, frames: list, images_kwargs: dict) -> torch.Tensor:
         """Frames preprocessed exactly like images, `(frames, C, H, W)`; an AnyRes processor's tiles are dropped and
         only each frame's base (whole-image) view is kept, as a video frame is encoded as one tower-sized image."""
         images_kwargs = {k: v for k, v in images_kwargs.items() if k != "image_grid_pinpoints"}
-        processed = self.image_processor(frames, **{**images_kwargs, "return_tensors": None})["pixel_values"]
-        views = [np.asarray(pixels) for pixels in processed]
-        return np.stack([pixels[0] if pixels.ndim == 4 else pixels for pixels in views])
+        pixels = self.image_processor(frames, **{**images_kwargs, "return_tensors": "pt"})["pixel_values"]
+        return pixels[:, 0] if pixels.dim() == 5 else pixels
 
-    def _process_videos(self, videos: list, images_kwargs: dict, num_frames: int | None) -> tuple[np.ndarray, list]:
+    def _process_videos(self, videos: list, images_kwargs: dict, num_frames: int | None) -> tuple[torch.Tensor, list]:
         """Sample and preprocess every video: `(num_videos, frames, C, H, W)` pixels and each video's placeholders."""
         if num_frames is not None and num_frames < 1:
             raise ValueError(f"num_frames={num_frames} must be a positive number of frames to sample per video.")
@@ -136,7 +135,7 @@ class DenseConnectorProcessor(ProcessorMixin):
                 "number of frames. Pass `num_frames=` (or set `num_video_frames`) no larger than the shortest video."
             )
         counts = [self.num_video_tokens(len(pixels), pixels.shape[-2]) for pixels in pixel_values]
-        return np.stack(pixel_values), counts
+        return torch.stack(pixel_values), counts
 
     def _tokenize(self, text: str, add_special_tokens: bool, replacements: list[tuple[str, int, int]]) -> list[int]:
         """Chunk-by-chunk tokenisation of one prompt; each placeholder expanded to its run of placeholder ids."""
@@ -159,6 +158,9 @@ class DenseConnectorProcessor(ProcessorMixin):
 
         Accepts the usual tokenizer arguments (`padding`, `padding_side`, `truncation`, `max_length`,
         `return_tensors`, `add_special_tokens`); truncation never cuts through an image's or video's placeholders.
+        `videos` is one video or a list of videos, each a list of PIL images or a `(frames, height, width, channels)`
+        array or tensor; `num_frames=` samples that many frames uniformly from each (default `num_video_frames`).
+        Videos become `pixel_values_videos` of shape `(num_videos, frames, channels, height, width)`.
         """
         if images is None and text is None and videos is None:
             raise ValueError("DenseConnectorProcessor needs at least one of `text`, `images`, `videos`.")

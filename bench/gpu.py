@@ -1,0 +1,47 @@
+"""Real-size runs of the three comparisons on one GPU, bfloat16 + SDPA: CLIP-L/336 (24 layers) and Llama-7B widths.
+
+bench/gpu.sh                    # on a GPU machine (< 5 minutes on one H100)
+bench/gpu.sh --lm-layers 8      # a shallower language model
+bench/gpu.sh --tiny             # smoke test: tiny widths on the CPU, seconds
+"""
+
+import argparse
+import copy
+import time
+
+import bench_encoding
+import bench_feature_memory
+import bench_generate
+import torch
+from common import setup
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lm-layers", type=int, default=32, help="Llama-7B decoder layers (the real model: 32)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed generate")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per model (after one warm-up)")
+    parser.add_argument("--tiny", action="store_true", help="tiny widths on the CPU, to check the script runs")
+    options = parser.parse_args()
+    device = "cpu" if options.tiny or not torch.cuda.is_available() else "cuda"
+    if device == "cpu" and not options.tiny:
+        parser.error("no GPU found; use --tiny to smoke-test on the CPU")
+
+    if options.tiny:  # a few seconds: shallow, short, one repetition, one thread
+        options.lm_layers, options.new_tokens, options.reps = 2, 4, 1
+    common = argparse.Namespace(
+        tower_layers=24, image_size=336, lm_layers=options.lm_layers, dtype="bfloat16", device=device,
+        reps=options.reps, threads=1, tiny=options.tiny,
+    )  # fmt: skip
+    setup(common)
+    start = time.perf_counter()
+    bench_encoding.run(argparse.Namespace(**vars(copy.copy(common)), batch=8))
+    print()
+    bench_generate.run(argparse.Namespace(**vars(copy.copy(common)), new_tokens=options.new_tokens))
+    print()
+    bench_feature_memory.run(argparse.Namespace(**vars(copy.copy(common)), batch=8, frames=32))
+    print(f"\nTotal {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
