@@ -1,0 +1,259 @@
+"""Dense Connector model configuration."""
+
+import math
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec, strict
+
+
+CONNECTOR_TYPES = ("sti", "sci", "dci", "none")
+FEATURE_SELECT_STRATEGIES = ("default", "full")
+
+
+def default_connector_layers(num_layers: int) -> list[int]:
+    """STI/SCI layers: `hs[7]` and `hs[15]` for 24- and 26-layer towers, a third and two thirds down in general."""
+    step = max(num_layers // 3, 1)
+    return [step - 1, 2 * step - 1]
+
+
+def default_connector_groups(num_layers: int) -> list[list[int]]:
+    """DCI groups: the states `hs[0..L-1]` split into two halves, the first getting the extra one when L is odd."""
+    half = (num_layers + 1) // 2
+    return [list(range(0, half)), list(range(half, num_layers))]
+
+
+def select_best_resolution(image_size: tuple[int, int], pinpoints: list[list[int]]) -> tuple[int, int]:
+    """The `(height, width)` in `pinpoints` that keeps most of the image's resolution and wastes least area.
+
+    `image_size` is `(height, width)`; `pinpoints` holds `[height, width]` pairs.
+    """
+    height, width = image_size
+    best, best_effective, best_wasted = None, -1, math.inf
+    for cand_height, cand_width in pinpoints:
+        scale = min(cand_width / width, cand_height / height)
+        down_width, down_height = int(width * scale), int(height * scale)
+        effective = min(down_width * down_height, width * height)
+        wasted = cand_width * cand_height - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (cand_height, cand_width), effective, wasted
+    return best
+
+
+def unpadded_grid_size(grid_height: int, grid_width: int, image_size: tuple[int, int]) -> tuple[int, int]:
+    """Rows and columns of a `grid_height x grid_width` feature grid left after removing the resize-and-pad padding.
+
+    Follows the original `unpad_image`: the padding removed on each side is `(current - scaled) // 2`.
+    """
+    height, width = image_size
+    if width / height > grid_width / grid_height:
+        scaled_height = int(height * (grid_width / width))
+        return grid_height - 2 * ((grid_height - scaled_height) // 2), grid_width
+    scaled_width = int(width * (grid_height / height))
+    return grid_height, grid_width - 2 * ((grid_width - scaled_width) // 2)
+
+
+def num_tile_tokens(
+    patches_per_side: int, connector_type: str, sti_pool_stride: int, image_downsample_factor: int
+) -> int:
+    """Number of features the connector makes from one tower-sized image (one AnyRes tile)."""
+    side = patches_per_side // image_downsample_factor
+    tokens = side * side
+    if connector_type == "sti":
+        tokens += 2 * (tokens // sti_pool_stride)
+    return tokens
+
+
+@strict
+class DenseConnectorConfig(PreTrainedConfig):
+    r"""
+    Configuration of a Dense Connector vision-language model (Yao et al., NeurIPS 2024): a vision tower, a connector
+    that fuses several of the tower's hidden states, a projector, and a causal language model.
+
+    Hidden-state indices follow transformers' `output_hidden_states`: `0` is the embedding output, `i` the output of
+    encoder layer `i`, negative values count from the end of the full tower.
+
+    Args:
+        vision_config (`dict` or `PreTrainedConfig`, *optional*): the vision tower (CLIP, SigLIP, ...).
+        text_config (`dict` or `PreTrainedConfig`, *optional*): the language model (Llama, ...).
+        image_token_id (`int`): id of the image placeholder token.
+        video_token_id (`int`, *optional*): id of the video placeholder token.
+        dense_connector_type (`str`): `"sti"`, `"sci"`, `"dci"`, or `"none"` (final layer only, as LLaVA-1.5).
+        vision_feature_layer (`int`): hidden state used as the final feature `F`.
+        vision_feature_select_strategy (`str`): `"default"` drops the CLS token (CLIP), `"full"` keeps all (SigLIP).
+        dense_connector_layers (`list[int]`, *optional*): hidden states added by STI/SCI; default `[7, 15]` for 24 or
+            26 layers.
+        dense_connector_groups (`list[list[int]]`, *optional*): hidden-state groups averaged by DCI; default the two
+            halves of `hs[0..L-1]`.
+        sti_pool_stride (`int`): kernel and stride of STI's average pooling along the tokens.
+        projector_hidden_act (`str`): activation between projector layers.
+        projector_depth (`int`): number of linear layers of the projector (`2` is `mlp2x_gelu`, `1` is `linear`).
+        multimodal_projector_bias (`bool`): whether the projector's linear layers have a bias.
+        image_grid_pinpoints (`list[list[int]]`, *optional*): AnyRes resolutions `[height, width]`; `None` turns AnyRes
+            off. With AnyRes the tiles are re-assembled, unpadded, and closed by a learned `image_newline` per row.
+        image_downsample_factor (`int`): Efficient Dense Connector: bilinear downsampling of the patch grid per side
+            before the projector (`2` turns 576 tokens into 144); `1` is off.
+        video_pool_stride (`int`): max-pooling stride along the tokens of each video frame's projected features; `1`
+            is off.
+    """
+
+    model_type = "dense_connector"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="clip_vision_model",
+            init_kwargs={
+                "hidden_size": 1024,
+                "intermediate_size": 4096,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 16,
+                "patch_size": 14,
+                "image_size": 336,
+                "projection_dim": 768,
+            },
+        ),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 32000
+    video_token_id: int | None = None
+    dense_connector_type: str = "dci"
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"
+    dense_connector_layers: list[int] | None = None
+    dense_connector_groups: list[list[int]] | None = None
+    sti_pool_stride: int = 8
+    projector_hidden_act: str = "gelu"
+    projector_depth: int = 2
+    multimodal_projector_bias: bool = True
+    image_grid_pinpoints: list[list[int]] | None = None
+    image_downsample_factor: int = 1
+    video_pool_stride: int = 2
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        num_layers = self.vision_config.num_hidden_layers
+        if self.dense_connector_layers is None and self.dense_connector_type in ("sti", "sci"):
+            self.dense_connector_layers = default_connector_layers(num_layers)
+        if self.dense_connector_groups is None and self.dense_connector_type == "dci":
+            self.dense_connector_groups = default_connector_groups(num_layers)
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+
+    def validate_dense_connector(self):
+        """Reject settings the connector cannot run, naming the field and what is allowed."""
+        if self.dense_connector_type not in CONNECTOR_TYPES:
+            raise ValueError(
+                f"dense_connector_type={self.dense_connector_type!r} is not supported; use one of {CONNECTOR_TYPES}."
+            )
+        if self.vision_feature_select_strategy not in FEATURE_SELECT_STRATEGIES:
+            raise ValueError(
+                f"vision_feature_select_strategy={self.vision_feature_select_strategy!r} is not supported; use one of "
+                f"{FEATURE_SELECT_STRATEGIES}."
+            )
+        num_states = self.vision_config.num_hidden_layers + 1
+        if not -num_states <= self.vision_feature_layer < num_states:
+            raise ValueError(
+                f"vision_feature_layer={self.vision_feature_layer} is outside the tower's hidden states "
+                f"(allowed: {-num_states}..{num_states - 1} for {num_states - 1} layers)."
+            )
+        for name, layers in (
+            ("dense_connector_layers", self.dense_connector_layers or []),
+            ("dense_connector_groups", [i for group in self.dense_connector_groups or [] for i in group]),
+        ):
+            outside = [i for i in layers if not 0 <= i < num_states]
+            if outside:
+                raise ValueError(
+                    f"{name} has hidden-state indices {outside} outside the tower (allowed: 0..{num_states - 1})."
+                )
+        if self.dense_connector_type in ("sti", "sci") and not self.dense_connector_layers:
+            raise ValueError(f"dense_connector_layers must name at least one layer for {self.dense_connector_type!r}.")
+        if self.dense_connector_type == "dci":
+            if not self.dense_connector_groups or any(len(group) == 0 for group in self.dense_connector_groups):
+                raise ValueError(
+                    f"dense_connector_groups={self.dense_connector_groups} must be a non-empty list of non-empty "
+                    "lists of hidden-state indices for 'dci'."
+                )
+        for name in ("sti_pool_stride", "projector_depth", "image_downsample_factor", "video_pool_stride"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+        patches = self.patches_per_side
+        if patches % self.image_downsample_factor:
+            raise ValueError(
+                f"image_downsample_factor={self.image_downsample_factor} must divide the "
+                f"{patches}x{patches} patch grid."
+            )
+        if self.image_grid_pinpoints is not None:
+            size = self.vision_config.image_size
+            bad = [p for p in self.image_grid_pinpoints if len(p) != 2 or p[0] % size or p[1] % size]
+            if bad or not self.image_grid_pinpoints:
+                raise ValueError(
+                    f"image_grid_pinpoints must be [height, width] pairs that are multiples of the tower's image size "
+                    f"{size}; got {self.image_grid_pinpoints}."
+                )
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def num_connector_states(self) -> int:
+        """How many hidden states (including `F`) the connector concatenates along channels (1 for STI and none)."""
+        if self.dense_connector_type == "sci":
+            return 1 + len(self.dense_connector_layers)
+        if self.dense_connector_type == "dci":
+            return 1 + len(self.dense_connector_groups)
+        return 1
+
+    @property
+    def feature_layer_index(self) -> int:
+        """`vision_feature_layer` as a non-negative hidden-state index."""
+        return self.vision_feature_layer % (self.vision_config.num_hidden_layers + 1)
+
+    @property
+    def num_vision_layers_used(self) -> int:
+        """Encoder layers that must run: those up to the deepest hidden state the connector reads."""
+        used = [self.feature_layer_index, *(self.dense_connector_layers or [])]
+        used += [i for group in self.dense_connector_groups or [] for i in group]
+        return max(used)
+
+    def num_image_tokens(self, image_size: tuple[int, int] | None = None) -> int:
+        """Placeholders one image of `(height, width)` takes (the size matters only with AnyRes)."""
+        tile = num_tile_tokens(
+            self.patches_per_side, self.dense_connector_type, self.sti_pool_stride, self.image_downsample_factor
+        )
+        if self.image_grid_pinpoints is None:
+            return tile
+        return num_anyres_tokens(image_size, self.image_grid_pinpoints, self.vision_config.image_size, tile)
+
+    def num_video_tokens(self, num_frames: int) -> int:
+        """Placeholders one video of `num_frames` frames takes; every frame is encoded as one tower-sized image."""
+        tile = num_tile_tokens(
+            self.patches_per_side, self.dense_connector_type, self.sti_pool_stride, self.image_downsample_factor
+        )
+        return num_video_tokens(num_frames, tile, self.video_pool_stride)
+
+
+def num_video_tokens(num_frames: int, frame_tokens: int, video_pool_stride: int) -> int:
+    """Placeholders of a video: each frame's `frame_tokens` features max-pooled by `video_pool_stride`, all frames."""
+    return num_frames * (frame_tokens // video_pool_stride)
+
+
+def num_anyres_tokens(
+    image_size: tuple[int, int], pinpoints: list[list[int]], tile_size: int, tile_tokens: int
+) -> int:
+    """Placeholders of an AnyRes image: the base image, then the unpadded tile grid with one newline per row."""
+    height, width = select_best_resolution(image_size, pinpoints)
+    grid_rows, grid_cols = height // tile_size, width // tile_size
+    if grid_rows * grid_cols == 1:
+        return tile_tokens + 1
+    side = math.isqrt(tile_tokens)
+    if side * side != tile_tokens:
+        raise ValueError("AnyRes needs a square per-tile feature grid; it does not combine with the 'sti' connector.")
+    rows, cols = unpadded_grid_size(grid_rows * side, grid_cols * side, image_size)
+    return tile_tokens + rows * (cols + 1)
+
+
+__all__ = ["DenseConnectorConfig"]

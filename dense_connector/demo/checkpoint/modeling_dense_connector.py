@@ -1,0 +1,571 @@
+"""PyTorch Dense Connector model: a LLaVA-style model whose connector reads several vision-encoder layers."""
+
+import copy
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.hub import hf_api
+
+from .configuration_dense_connector import DenseConnectorConfig, select_best_resolution, unpadded_grid_size
+
+
+@dataclass
+class DenseConnectorModelOutputWithPast(BaseModelOutputWithPast):
+    """Language-model outputs plus the projected image (and video) features that replaced the placeholders."""
+
+    image_hidden_states: torch.Tensor | None = None
+    video_hidden_states: torch.Tensor | None = None
+
+
+@dataclass
+class DenseConnectorCausalLMOutputWithPast(ModelOutput):
+    """Causal-LM outputs (loss, logits, cache) plus the projected image and video features."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor] | None = None
+    attentions: tuple[torch.Tensor] | None = None
+    image_hidden_states: torch.Tensor | None = None
+    video_hidden_states: torch.Tensor | None = None
+
+
+def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
+    """The tower's list of transformer layers (CLIP, SigLIP and most transformers vision models keep it here)."""
+    for path in ("encoder.layers", "vision_model.encoder.layers", "encoder.layer"):
+        module = vision_tower
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise ValueError(
+        f"{type(vision_tower).__name__} has no `encoder.layers`; Dense Connector supports vision towers whose "
+        "transformer layers live there (CLIP, SigLIP, ...)."
+    )
+
+
+class DenseConnector(nn.Module):
+    """Selects hidden states from the vision tower, fuses them by connector type, and projects them to the LM width.
+
+    The tower runs under forward hooks that keep only what the connector reads: the final feature, the STI/SCI
+    layers, and running sums for the DCI groups (never the whole stack of hidden states).
+    """
+
+    def __init__(self, config: DenseConnectorConfig):
+        super().__init__()
+        self.connector_type = config.dense_connector_type
+        self.feature_layer = config.feature_layer_index
+        self.layers = list(config.dense_connector_layers or []) if self.connector_type in ("sti", "sci") else []
+        self.groups = [list(g) for g in config.dense_connector_groups or []] if self.connector_type == "dci" else []
+        self.drop_cls = config.vision_feature_select_strategy == "default"
+        self.sti_pool_stride = config.sti_pool_stride
+        self.downsample_factor = config.image_downsample_factor
+
+        in_features = config.vision_config.hidden_size * config.num_connector_states
+        hidden_size = config.text_config.hidden_size
+        bias = config.multimodal_projector_bias
+        layers = [nn.Linear(in_features, hidden_size, bias=bias)]
+        for _ in range(config.projector_depth - 1):
+            layers += [ACT2FN[config.projector_hidden_act], nn.Linear(hidden_size, hidden_size, bias=bias)]
+        self.projector = nn.Sequential(*layers)
+
+    def collect_hidden_states(
+        self, vision_tower: nn.Module, pixel_values: torch.Tensor, **kwargs
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the tower once; return `F` and the extra states (STI/SCI layers, or DCI group means).
+
+        Forward hooks on the encoder layers keep only what the connector reads. A DCI group is summed in float32 as
+        its states go by and becomes its mean, in the tower's dtype, as soon as its last state is added: no group
+        ever holds its 12-13 states, and with contiguous groups only one float32 running sum exists at a time.
+        """
+        singles = {self.feature_layer, *self.layers}
+        kept: dict[int, torch.Tensor] = {}
+        sums: dict[int, torch.Tensor] = {}
+        means: dict[int, torch.Tensor] = {}
+
+        def keep(index: int, state: torch.Tensor) -> None:
+            if index in singles:
+                kept[index] = state
+            for g, group in enumerate(self.groups):
+                if index not in group:
+                    continue
+                if g in sums:
+                    sums[g].add_(state.to(sums[g].device))
+                else:  # a copy: the state itself is the next layer's input and must stay untouched
+                    sums[g] = state.to(torch.float32, copy=True)
+                if index == max(group):
+                    means[g] = sums.pop(g).div_(len(group)).to(state.dtype)
+
+        def make_hook(layer_index: int):
+            def hook(module, args, kwargs, output):
+                if layer_index == 0:
+                    keep(0, args[0] if args else kwargs["hidden_states"])
+                keep(layer_index + 1, output[0] if isinstance(output, tuple) else output)
+
+            return hook
+
+        handles = [
+            layer.register_forward_hook(make_hook(i), with_kwargs=True)
+            for i, layer in enumerate(encoder_layers(vision_tower))
+        ]
+        try:
+            vision_tower(pixel_values, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+        final = kept[self.feature_layer]
+        extras = [means[g] for g in range(len(self.groups))] if self.groups else [kept[i] for i in self.layers]
+        extras = [state.to(final.device, final.dtype) for state in extras]
+        if self.drop_cls:
+            final, extras = final[:, 1:], [state[:, 1:] for state in extras]
+        return final, extras
+
+    def downsample(self, features: torch.Tensor) -> torch.Tensor:
+        """Efficient Dense Connector: bilinear downsampling of the square patch grid, per side."""
+        if self.downsample_factor == 1:
+            return features
+        batch, tokens, channels = features.shape
+        side = int(tokens**0.5)
+        grid = features.transpose(1, 2).reshape(batch, channels, side, side)
+        size = side // self.downsample_factor
+        grid = F.interpolate(grid.float(), size=(size, size), mode="bilinear", align_corners=False)
+        return grid.to(features.dtype).flatten(2).transpose(1, 2)
+
+    def fuse(self, final: torch.Tensor, extras: list[torch.Tensor]) -> torch.Tensor:
+        """Combine `F` with the extra states: STI appends pooled tokens, SCI/DCI concatenate channels."""
+        final, extras = self.downsample(final), [self.downsample(state) for state in extras]
+        if self.connector_type == "sti":
+            pooled = [
+                F.avg_pool1d(state.transpose(1, 2), self.sti_pool_stride, self.sti_pool_stride).transpose(1, 2)
+                for state in extras
+            ]
+            return torch.cat([final, *pooled], dim=1)
+        return torch.cat([final, *extras], dim=-1)
+
+    def forward(self, vision_tower: nn.Module, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """`(num_images, C, H, W)` pixels to `(num_images, tokens, text_hidden_size)` features."""
+        fused = self.fuse(*self.collect_hidden_states(vision_tower, pixel_values, **kwargs))
+        return self.projector(fused)  # the separate states are freed before the projector's wider activations
+
+
+MODEL_CARD = """---
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags:
+- dense-connector
+- image-text-to-text
+---
+
+# Dense Connector ({connector}) vision-language model
+
+A `{architecture}` ([Dense Connector](https://arxiv.org/abs/2405.13800), Yao et al., NeurIPS 2024): a
+`{tower}` vision tower whose hidden states `{layers}` are fused by the **{connector}** connector, projected,
+and fed to a `{language_model}` language model ({tokens} tokens per tower-sized image).
+
+The modeling code ships with the weights; load it with `trust_remote_code=True`:
+
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("<this repo>", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("<this repo>", trust_remote_code=True)
+```
+"""
+
+
+class DenseConnectorPreTrainedModel(PreTrainedModel):
+    config: DenseConnectorConfig
+    config_class = DenseConnectorConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "video", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _no_split_modules = ["DenseConnector"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the hidden-state hooks and per-image AnyRes shapes are not graph-friendly
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Load as transformers does, but refuse a checkpoint whose tensors do not match the model.
+
+        transformers only warns about missing tensors (and initialises them at random) and about extra ones; a
+        Dense Connector checkpoint with either is broken or belongs to another model, so it is an error here.
+        """
+        return_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {
+            kind: sorted(info.get(key) or [])
+            for kind, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"))
+        }
+        if any(problems.values()):
+            listed = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in problems.items() if names)
+            raise ValueError(
+                f"The checkpoint does not match {cls.__name__} built from its config ({listed}). It is incomplete "
+                "or was saved from a different model; convert original checkpoints with "
+                "conversion_scripts/convert_dense_connector_to_hf.py."
+            )
+        return (model, info) if return_info else model
+
+    def model_card(self) -> str:
+        """A model card naming the architecture, connector, tower and language model."""
+        config = self.config
+        return MODEL_CARD.format(
+            architecture=type(self).__name__,
+            connector=config.dense_connector_type,
+            tower=config.vision_config.model_type,
+            layers=config.dense_connector_layers or config.dense_connector_groups or "-",
+            language_model=config.text_config.model_type,
+            tokens=config.num_image_tokens((config.vision_config.image_size,) * 2),
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """Save as transformers does, plus a `README.md` model card when the folder has none."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        card = os.path.join(save_directory, "README.md")
+        if not os.path.exists(card):
+            with open(card, "w", encoding="utf-8") as f:
+                f.write(self.model_card())
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str = "Upload Dense Connector model",
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str = "5GB",
+        **kwargs,
+    ):
+        """Upload a complete folder (weights, config with `auto_map`, code, model card) in one commit."""
+        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            return self._upload_modified_files(
+                folder,
+                repo_id,
+                files_timestamps={},
+                commit_message=commit_message,
+                token=token,
+                create_pr=create_pr,
+                revision=revision,
+            )
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, DenseConnectorModel) and module.image_newline is not None:
+            std = 1 / module.image_newline.shape[0] ** 0.5
+            nn.init.normal_(module.image_newline, std=std)
+
+
+class DenseConnectorModel(DenseConnectorPreTrainedModel):
+    """Vision tower, Dense Connector and language model, without a language-modeling head."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # loading the base model from a full checkpoint
+
+    def __init__(self, config: DenseConnectorConfig):
+        super().__init__(config)
+        # Layers after the deepest hidden state the connector reads are never built nor run.
+        vision_config = copy.deepcopy(config.vision_config)
+        vision_config.num_hidden_layers = config.num_vision_layers_used
+        if getattr(vision_config, "vision_use_head", False):
+            vision_config.vision_use_head = False
+        self.vision_tower = AutoModel.from_config(vision_config)
+        self.connector = DenseConnector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        anyres = config.image_grid_pinpoints is not None
+        self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size)) if anyres else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def _tiles_per_image(self, image_sizes: torch.Tensor) -> list[tuple[int, int]]:
+        """AnyRes `(rows, cols)` tile grid of each image, from its original `(height, width)`."""
+        tile = self.config.vision_config.image_size
+        grids = []
+        for height, width in image_sizes.tolist():
+            best_height, best_width = select_best_resolution((height, width), self.config.image_grid_pinpoints)
+            grids.append((best_height // tile, best_width // tile))
+        return grids
+
+    def _merge_anyres(self, tiles: torch.Tensor, grid: tuple[int, int], image_size: tuple[int, int]) -> torch.Tensor:
+        """Base-image features, then the tile grid re-assembled, unpadded, and closed by `image_newline` per row."""
+        base = tiles[0]
+        rows, cols = grid
+        newline = self.image_newline.to(base.dtype)
+        if rows * cols == 1:
+            return torch.cat([base, newline[None]], dim=0)
+        side = int(base.shape[0] ** 0.5)
+        hidden = base.shape[-1]
+        grid_features = tiles[1 : 1 + rows * cols].view(rows, cols, side, side, hidden)
+        grid_features = grid_features.permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, hidden)
+        keep_rows, keep_cols = unpadded_grid_size(rows * side, cols * side, image_size)
+        top, left = (rows * side - keep_rows) // 2, (cols * side - keep_cols) // 2
+        grid_features = grid_features[top : top + keep_rows, left : left + keep_cols]
+        grid_features = torch.cat([grid_features, newline.expand(keep_rows, 1, hidden)], dim=1)
+        return torch.cat([base, grid_features.flatten(0, 1)], dim=0)
+
+    def _check_pixels(self, pixels: torch.Tensor, layout: str | None, name: str = "pixel_values") -> None:
+        """Refuse pixels the tower cannot encode correctly, saying what was expected."""
+        layout = layout or "(num_images, channels, height, width)"
+        vision = self.config.vision_config
+        expected = (vision.num_channels, vision.image_size, vision.image_size)
+        if pixels.dim() != layout.count(",") + 1 or tuple(pixels.shape[-3:]) != expected:
+            raise ValueError(
+                f"{name} must have shape {layout} with (channels, height, width) = {expected} for this vision tower; "
+                f"got {tuple(pixels.shape)}. Prepare images with the model's processor."
+            )
+        if not pixels.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor (normalised pixels), got {pixels.dtype}.")
+
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """Project images into the LM's embedding space.
+
+        `pixel_values` is `(num_images, C, H, W)`, or `(num_images, max_tiles, C, H, W)` with AnyRes, in which case
+        `image_sizes` (`(num_images, 2)`, original height and width) is required. `pooler_output` holds one
+        `(tokens, hidden)` tensor per image: exactly what replaces that image's placeholders.
+        """
+        kwargs = {k: v for k, v in kwargs.items() if k in ("output_attentions",)}
+        anyres = self.config.image_grid_pinpoints is not None
+        self._check_pixels(pixel_values, "(num_images, tiles, channels, height, width)" if anyres else None)
+        if not anyres:
+            features = self.connector(self.vision_tower, pixel_values.to(self.vision_tower.dtype), **kwargs)
+            return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=list(features))
+
+        if image_sizes is None:
+            raise ValueError("AnyRes needs image_sizes (each image's original height and width) with pixel_values.")
+        grids = self._tiles_per_image(image_sizes)
+        counts = [1 + rows * cols for rows, cols in grids]
+        tiles = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, counts)], dim=0)
+        features = self.connector(self.vision_tower, tiles.to(self.vision_tower.dtype), **kwargs)
+        per_image = torch.split(features, counts, dim=0)
+        merged = [
+            self._merge_anyres(image_tiles, grid, tuple(size))
+            for image_tiles, grid, size in zip(per_image, grids, image_sizes.tolist())
+        ]
+        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=merged)
+
+    @can_return_tuple
+    def get_video_features(self, pixel_values_videos: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """Project videos into the LM's embedding space, training-free (FreeVA style, as the paper evaluates video).
+
+        `pixel_values_videos` is `(num_videos, frames, C, H, W)`. Every frame goes through the tower, connector and
+        projector like an image; its tokens are max-pooled by `video_pool_stride`; the frames are joined in time order.
+        `pooler_output` holds one `(frames * tokens, hidden)` tensor per video. A video longer than the language
+        model's `max_position_embeddings` is refused before the tower runs.
+        """
+        if pixel_values_videos.dim() != 5:
+            raise ValueError(
+                "pixel_values_videos must be (num_videos, frames, channels, height, width), got shape "
+                f"{tuple(pixel_values_videos.shape)}."
+            )
+        num_videos, num_frames = pixel_values_videos.shape[:2]
+        self._check_video_length(num_frames)
+        frames = pixel_values_videos.flatten(0, 1).to(self.vision_tower.dtype)
+        features = self.connector(self.vision_tower, frames)
+        stride = self.config.video_pool_stride
+        if stride > 1:
+            features = F.max_pool1d(features.transpose(1, 2), stride, stride).transpose(1, 2)
+        videos = features.reshape(num_videos, num_frames * features.shape[1], features.shape[-1])
+        return BaseModelOutputWithPooling(last_hidden_state=videos, pooler_output=list(videos))
+
+    def _check_video_length(self, num_frames: int) -> None:
+        """Refuse, before the tower runs, a video whose tokens alone exceed the LM's `max_position_embeddings`."""
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        positions = self.config.num_video_tokens(num_frames)
+        if limit is not None and positions > limit:
+            raise ValueError(
+                f"A video of {num_frames} frames takes {positions} positions, more than the language model's "
+                f"max_position_embeddings={limit}. Sample fewer frames (the processor's `num_video_frames`, or "
+                "`num_frames=` when calling it) or keep the per-frame max-pooling on (`video_pool_stride` > 1)."
+            )
+
+    def _check_prompt_length(self, length: int, past_key_values: Cache | None) -> None:
+        """A prompt (placeholders included) longer than the LM's positions is refused before anything runs."""
+        max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
+        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        if prefill and max_positions is not None and length > max_positions:
+            raise ValueError(
+                f"The prompt is {length} tokens long (image and video placeholders included) but the language model "
+                f"has {max_positions} positions; shorten the text or use fewer images, frames or tiles."
+            )
+
+    def _scatter_features(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        features: list[torch.Tensor],
+        token_id: int,
+        modality: str,
+    ) -> torch.Tensor:
+        """Put `features` (one tensor per image or video, in order) where the placeholder tokens stand."""
+        if input_ids is None:
+            placeholder = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+            mask = (inputs_embeds == placeholder).all(-1)
+        else:
+            mask = input_ids == token_id
+        flat = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+        num_tokens = int(mask.sum())
+        if num_tokens != flat.shape[0]:
+            raise ValueError(
+                f"The input has {num_tokens} {modality} placeholder tokens but the {len(features)} {modality}(s) give "
+                f"{flat.shape[0]} features ({[len(f) for f in features]} per {modality}). Use the processor to expand "
+                f"each <{modality}> into the right number of placeholders, and pass one {modality} per placeholder."
+            )
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1).to(inputs_embeds.device), flat)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> DenseConnectorModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        self._check_prompt_length(inputs_embeds.shape[1], past_key_values)
+
+        mm_encoder_outputs = dict(mm_encoder_outputs or {})
+        if pixel_values is not None:
+            if mm_encoder_outputs.get("image") is not None:
+                raise ValueError("Pass either pixel_values or pre-computed image features, not both.")
+            mm_encoder_outputs["image"] = self.get_image_features(pixel_values, image_sizes=image_sizes)
+        if pixel_values_videos is not None:
+            if mm_encoder_outputs.get("video") is not None:
+                raise ValueError("Pass either pixel_values_videos or pre-computed video features, not both.")
+            mm_encoder_outputs["video"] = self.get_video_features(pixel_values_videos)
+
+        image_features = video_features = None
+        if mm_encoder_outputs.get("image") is not None:
+            image_features = mm_encoder_outputs["image"].pooler_output
+            inputs_embeds = self._scatter_features(
+                input_ids, inputs_embeds, image_features, self.config.image_token_id, "image"
+            )
+        if mm_encoder_outputs.get("video") is not None:
+            if self.config.video_token_id is None:
+                raise ValueError("This model has no video_token_id in its config; it cannot place video features.")
+            video_features = mm_encoder_outputs["video"].pooler_output
+            inputs_embeds = self._scatter_features(
+                input_ids, inputs_embeds, video_features, self.config.video_token_id, "video"
+            )
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return DenseConnectorModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=torch.cat(image_features) if image_features is not None else None,
+            video_hidden_states=torch.cat(video_features) if video_features is not None else None,
+        )
+
+
+class DenseConnectorForConditionalGeneration(DenseConnectorPreTrainedModel, GenerationMixin):
+    """Dense Connector model with a language-modeling head, for `generate()` and training with `labels`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: DenseConnectorConfig):
+        super().__init__(config)
+        self.model = DenseConnectorModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs):
+        return self.model.get_image_features(pixel_values, image_sizes=image_sizes, **kwargs)
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, **kwargs):
+        return self.model.get_video_features(pixel_values_videos, **kwargs)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_sizes: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> DenseConnectorCausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            image_sizes=image_sizes,
+            pixel_values_videos=pixel_values_videos,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return DenseConnectorCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+            video_hidden_states=outputs.video_hidden_states,
+        )
+
+
+__all__ = ["DenseConnectorPreTrainedModel", "DenseConnectorModel", "DenseConnectorForConditionalGeneration"]

@@ -1,0 +1,271 @@
+"""Processor for Dense Connector models: image processor + tokenizer + chat template."""
+
+import re
+
+import torch
+from transformers import BatchFeature, ProcessorMixin
+from transformers.image_utils import make_flat_list_of_images
+from transformers.video_utils import is_batched_video, is_valid_video
+
+from .configuration_dense_connector import num_anyres_tokens, num_tile_tokens, num_video_tokens
+
+
+class DenseConnectorProcessor(ProcessorMixin):
+    r"""
+    Turns prompts and images into model inputs. Each `<image>` in the text becomes exactly as many image placeholder
+    tokens as the connector produces for that image (and each `<video>` as many as the frames give), computed with
+    the same functions the model's config uses.
+
+    Text is tokenised as the original Dense Connector code does: split at the image/video placeholders, each chunk
+    tokenised on its own (so a SentencePiece tokenizer starts every chunk with its dummy prefix), chunk BOS tokens
+    dropped but the first. The released checkpoints were trained on exactly these ids.
+
+    Args:
+        image_processor: a transformers image processor (`LlavaImageProcessorPil` with `do_pad=True` reproduces the
+            original `pad` preprocessing; `LlavaNextImageProcessorPil` the `anyres` one).
+        tokenizer: the language model's tokenizer, with `image_token` (and `video_token`) as special tokens.
+        chat_template (`str`, *optional*): Jinja chat template.
+        image_token (`str`): the image placeholder.
+        video_token (`str`): the video placeholder.
+        patch_size (`int`): the vision tower's patch size.
+        dense_connector_type (`str`): the model's connector type (`sti` adds pooled tokens).
+        sti_pool_stride (`int`): the model's `sti_pool_stride`.
+        image_downsample_factor (`int`): the model's `image_downsample_factor` (Efficient Dense Connector).
+        video_pool_stride (`int`): the model's `video_pool_stride`.
+        num_video_frames (`int`, *optional*): sample this many frames uniformly from each longer video (all frames
+            when `None`); `num_frames=` in a call overrides it.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        image_token: str = "<image>",
+        video_token: str = "<video>",
+        patch_size: int = 14,
+        dense_connector_type: str = "dci",
+        sti_pool_stride: int = 8,
+        image_downsample_factor: int = 1,
+        video_pool_stride: int = 2,
+        num_video_frames: int | None = None,
+        **kwargs,
+    ):
+        self.image_token = image_token
+        self.video_token = video_token
+        self.patch_size = patch_size
+        self.dense_connector_type = dense_connector_type
+        self.sti_pool_stride = sti_pool_stride
+        self.image_downsample_factor = image_downsample_factor
+        self.video_pool_stride = video_pool_stride
+        self.num_video_frames = num_video_frames
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
+        vocab = self.tokenizer.get_vocab()
+        self.video_token_id = vocab.get(video_token)
+        if image_token not in vocab:
+            raise ValueError(
+                f"The tokenizer has no {image_token!r} token; add it with "
+                f"tokenizer.add_special_tokens({{'additional_special_tokens': [{image_token!r}]}}) and resize the "
+                "model's embeddings."
+            )
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values", "image_sizes", "pixel_values_videos"]
+
+    def num_image_tokens(self, pixel_height: int, pixel_width: int, image_size: tuple[int, int] | None = None) -> int:
+        """Placeholders for one image whose tower input is `pixel_height x pixel_width` (original size for AnyRes)."""
+        tile = num_tile_tokens(
+            pixel_height // self.patch_size,
+            self.dense_connector_type,
+            self.sti_pool_stride,
+            self.image_downsample_factor,
+        )
+        pinpoints = getattr(self.image_processor, "image_grid_pinpoints", None)
+        if image_size is None or pinpoints is None:
+            return tile
+        return num_anyres_tokens(tuple(image_size), pinpoints, pixel_height, tile)
+
+    def num_video_tokens(self, num_frames: int, pixel_height: int) -> int:
+        """Placeholders for one video of `num_frames` frames, each `pixel_height` pixels square at the tower input."""
+        frame_tokens = self.num_image_tokens(pixel_height, pixel_height)
+        return num_video_tokens(num_frames, frame_tokens, self.video_pool_stride)
+
+    @staticmethod
+    def _video_list(videos) -> list:
+        """`videos` as a list of videos, each a list of frames or a `(frames, height, width, channels)` array."""
+        if is_batched_video(videos):
+            return list(videos)
+        if is_valid_video(videos):
+            return [videos]
+        raise ValueError(
+            "`videos` must be one video (a list of PIL images, or an array or tensor of shape (frames, height, width, "
+            f"channels)) or a list of such videos; got {type(videos).__name__}."
+        )
+
+    @staticmethod
+    def _sample_frames(video, num_frames: int | None) -> list:
+        """`num_frames` frames spread uniformly over `video`: the middle frame of each of `num_frames` equal segments,
+        as the original evaluation code picks them. A video with no more frames than that keeps them all."""
+        total = len(video)
+        if num_frames is None or total <= num_frames:
+            return list(video)
+        segment = (total - 1) / num_frames
+        return [video[(round(segment * i) + round(segment * (i + 1))) // 2] for i in range(num_frames)]
+
+    def _frame_pixel_values(self, frames: list, images_kwargs: dict) -> torch.Tensor:
+        """Frames preprocessed exactly like images, `(frames, C, H, W)`; an AnyRes processor's tiles are dropped and
+        only each frame's base (whole-image) view is kept, as a video frame is encoded as one tower-sized image."""
+        images_kwargs = {k: v for k, v in images_kwargs.items() if k != "image_grid_pinpoints"}
+        pixels = self.image_processor(frames, **{**images_kwargs, "return_tensors": "pt"})["pixel_values"]
+        return pixels[:, 0] if pixels.dim() == 5 else pixels
+
+    def _process_videos(self, videos: list, images_kwargs: dict, num_frames: int | None) -> tuple[torch.Tensor, list]:
+        """Sample and preprocess every video: `(num_videos, frames, C, H, W)` pixels and each video's placeholders."""
+        if num_frames is not None and num_frames < 1:
+            raise ValueError(f"num_frames={num_frames} must be a positive number of frames to sample per video.")
+        pixel_values = [
+            self._frame_pixel_values(self._sample_frames(video, num_frames), images_kwargs) for video in videos
+        ]
+        frame_counts = [len(pixels) for pixels in pixel_values]
+        if len(set(frame_counts)) > 1:
+            raise ValueError(
+                f"The videos have {frame_counts} frames after sampling; videos processed together must have the same "
+                "number of frames. Pass `num_frames=` (or set `num_video_frames`) no larger than the shortest video."
+            )
+        counts = [self.num_video_tokens(len(pixels), pixels.shape[-2]) for pixels in pixel_values]
+        return torch.stack(pixel_values), counts
+
+    def _tokenize(self, text: str, add_special_tokens: bool, replacements: list[tuple[str, int, int]]) -> list[int]:
+        """Chunk-by-chunk tokenisation of one prompt; each placeholder expanded to its run of placeholder ids."""
+        pattern = "(" + "|".join(re.escape(token) for token in (self.image_token, self.video_token)) + ")"
+        parts = re.split(pattern, text)
+        chunks = parts[0::2]
+        ids_per_chunk = self.tokenizer(chunks, add_special_tokens=add_special_tokens)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        has_bos = add_special_tokens and bos is not None and all(ids[:1] == [bos] for ids in ids_per_chunk)
+        input_ids = [bos] if has_bos else []
+        for index, chunk_ids in enumerate(ids_per_chunk):
+            if index > 0:
+                _, token_id, count = replacements.pop(0)
+                input_ids.extend([token_id] * count)
+            input_ids.extend(chunk_ids[1:] if has_bos else chunk_ids)
+        return input_ids
+
+    def __call__(self, images=None, text=None, videos=None, **kwargs) -> BatchFeature:
+        """Process `images`, `videos` and `text` into `input_ids`, `attention_mask`, `pixel_values`, ...
+
+        Accepts the usual tokenizer arguments (`padding`, `padding_side`, `truncation`, `max_length`,
+        `return_tensors`, `add_special_tokens`); truncation never cuts through an image's or video's placeholders.
+        `videos` is one video or a list of videos, each a list of PIL images or a `(frames, height, width, channels)`
+        array or tensor; `num_frames=` samples that many frames uniformly from each (default `num_video_frames`).
+        Videos become `pixel_values_videos` of shape `(num_videos, frames, channels, height, width)`.
+        """
+        if images is None and text is None and videos is None:
+            raise ValueError("DenseConnectorProcessor needs at least one of `text`, `images`, `videos`.")
+        if isinstance(text, str):
+            text = [text]
+        if text is not None and not all(isinstance(t, str) for t in text):
+            raise ValueError("`text` must be a string or a list of strings.")
+        merged = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None) or kwargs.get("return_tensors")
+
+        data, replacements = {}, []
+        if images is not None:
+            images = self.image_processor.fetch_images(images)
+            if text is not None:
+                self._check_images_per_sample(text, images)
+            images = make_flat_list_of_images(images)
+            if text is not None:
+                self._check_counts(text, self.image_token, len(images), "image")
+            processed = self.image_processor(images, **{**images_kwargs, "return_tensors": None})
+            data.update(processed)
+            sizes = processed.get("image_sizes")
+            for index, pixels in enumerate(processed["pixel_values"]):
+                height, width = pixels.shape[-2:]
+                count = self.num_image_tokens(height, width, None if sizes is None else sizes[index])
+                replacements.append(("image", self.image_token_id, count))
+        elif text is not None:
+            self._check_counts(text, self.image_token, 0, "image")
+        video_replacements = []
+        if videos is not None:
+            if self.video_token_id is None:
+                raise ValueError(
+                    f"The tokenizer has no {self.video_token!r} token, so it cannot take videos; add it with "
+                    f"tokenizer.add_special_tokens({{'additional_special_tokens': [{self.video_token!r}]}})."
+                )
+            videos = self._video_list(videos)
+            if text is not None:
+                self._check_counts(text, self.video_token, len(videos), "video")
+            num_frames = merged["videos_kwargs"].get("num_frames")
+            num_frames = self.num_video_frames if num_frames is None else num_frames
+            data["pixel_values_videos"], counts = self._process_videos(videos, images_kwargs, num_frames)
+            video_replacements = [("video", self.video_token_id, count) for count in counts]
+        elif text is not None:
+            self._check_counts(text, self.video_token, 0, "video")
+
+        if text is not None:
+            add_special_tokens = text_kwargs.pop("add_special_tokens", True)
+            image_queue, video_queue = list(replacements), list(video_replacements)
+            sequences = []
+            for sample in text:
+                sample_replacements = []
+                for match in re.finditer("|".join(re.escape(t) for t in (self.image_token, self.video_token)), sample):
+                    queue = image_queue if match.group(0) == self.image_token else video_queue
+                    sample_replacements.append(queue.pop(0))
+                sequences.append(self._tokenize(sample, add_special_tokens, sample_replacements))
+            sequences = [self._truncate(ids, text_kwargs) for ids in sequences]
+            padded = self.tokenizer.pad(
+                {"input_ids": sequences},
+                padding=text_kwargs.get("padding", False),
+                max_length=text_kwargs.get("max_length"),
+                pad_to_multiple_of=text_kwargs.get("pad_to_multiple_of"),
+                padding_side=text_kwargs.get("padding_side"),
+                return_attention_mask=text_kwargs.get("return_attention_mask", True),
+            )
+            data.update(padded)
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def _check_images_per_sample(self, text: list[str], images) -> None:
+        """With images nested per sample (`[[a], [b, c]]`), each sample must hold one image per placeholder."""
+        nested = isinstance(images, (list, tuple)) and all(isinstance(group, (list, tuple)) for group in images)
+        if not nested or len(images) != len(text):
+            return
+        for index, (sample, group) in enumerate(zip(text, images)):
+            if sample.count(self.image_token) != len(group):
+                raise ValueError(
+                    f"Sample {index} has {sample.count(self.image_token)} {self.image_token} placeholder(s) but "
+                    f"{len(group)} image(s); pass exactly one image per placeholder in each sample."
+                )
+
+    def _check_counts(self, text: list[str], token: str, num_given: int, modality: str) -> None:
+        found = sum(sample.count(token) for sample in text)
+        if found != num_given:
+            raise ValueError(
+                f"The prompts contain {found} {token} placeholder(s) but {num_given} {modality}(s) were given; pass "
+                f"exactly one {modality} per {token}, in order."
+            )
+
+    def _truncate(self, ids: list[int], text_kwargs: dict) -> list[int]:
+        """Right-truncate to `max_length` when asked, refusing to cut an image's or video's placeholders."""
+        max_length = text_kwargs.get("max_length")
+        if not text_kwargs.get("truncation") or max_length is None or len(ids) <= max_length:
+            return ids
+        placeholder_ids = {self.image_token_id, self.video_token_id}
+        if ids[max_length - 1] in placeholder_ids and ids[max_length] in placeholder_ids:
+            raise ValueError(
+                f"Truncating to max_length={max_length} would cut through an image's placeholder tokens; raise "
+                "max_length or shorten the text."
+            )
+        return ids[:max_length]
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+__all__ = ["DenseConnectorProcessor"]

@@ -1,0 +1,119 @@
+"""Fine-tune a Dense Connector checkpoint on image-text instruction data with the Hugging Face `Trainer`.
+
+The data is a JSON list (or JSON-lines file) of LLaVA conversation records or chat-messages records; see
+`dense_connector.training.DenseConnectorDataCollator`. The argument names follow the original training scripts
+(`--model_name_or_path`, `--data_path`, `--image_folder`, `--model_max_length`), and every `TrainingArguments` option
+is accepted too. Regimes (`--tune`): `projector` (stage 1), `projector+lm` (stage 2), `lora` (adapters on the
+language model, projector fully trained); the vision tower stays frozen unless `--freeze_vision_tower false`.
+
+    python examples/finetune.py --model_name_or_path path/to/converted --data_path data.json \
+        --image_folder images/ --tune projector+lm --output_dir out --learning_rate 2e-5 --bf16
+
+Several GPUs: `accelerate launch --config_file examples/accelerate/fsdp.yaml examples/finetune.py ...`.
+"""
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, Trainer, TrainingArguments
+
+import dense_connector  # noqa: F401  (registers the Dense Connector classes with the Auto classes)
+from dense_connector.training import (
+    TUNE_REGIMES,
+    DenseConnectorDataCollator,
+    load_instruction_data,
+    prepare_for_training,
+    trainable_parameter_summary,
+)
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Converted Dense Connector checkpoint (folder or Hub id)."})
+    tune: str = field(
+        default="projector+lm",
+        metadata={"help": "What to train.", "choices": TUNE_REGIMES},
+    )
+    freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the vision tower frozen."})
+    lora_r: int = field(default=128, metadata={"help": "LoRA rank (with --tune lora)."})
+    lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha (with --tune lora)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (with --tune lora)."})
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Load the weights in this dtype (e.g. bfloat16, as in the original DeepSpeed runs). The default "
+            "keeps float32 master weights; --bf16 then trains with autocast."
+        },
+    )
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, eager, flash_attention_2."})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": "Training records: a JSON list or a .jsonl file."})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder the records' image paths are under."})
+    eval_data_path: str | None = field(default=None, metadata={"help": "Optional evaluation records."})
+    model_max_length: int = field(
+        default=2048,
+        metadata={
+            "help": "Maximum sequence length after image placeholders are expanded; longer records are truncated, "
+            "and records whose image placeholders do not fit are dropped with a warning."
+        },
+    )
+
+
+def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> Trainer:
+    """Model, processor, data and `Trainer`, ready for `.train()`."""
+    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+    if processor.chat_template is None:
+        raise ValueError(
+            f"The processor of {model_args.model_name_or_path} has no chat template; set one (e.g. "
+            "dense_connector.chat_templates.CHAT_TEMPLATES['vicuna_v1']) and save it with the checkpoint."
+        )
+    dtype = getattr(torch, model_args.dtype) if model_args.dtype else None
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation
+    )
+    model = prepare_for_training(
+        model,
+        tune=model_args.tune,
+        freeze_vision_tower=model_args.freeze_vision_tower,
+        lora_r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+    )
+    logger.info(trainable_parameter_summary(model))
+
+    # The collator reads the raw record fields, which the Trainer would otherwise remove.
+    training_args.remove_unused_columns = False
+    collator = DenseConnectorDataCollator(
+        processor, image_folder=data_args.image_folder, max_length=data_args.model_max_length
+    )
+    eval_dataset = load_instruction_data(data_args.eval_data_path) if data_args.eval_data_path else None
+    return Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=load_instruction_data(data_args.data_path),
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=processor,
+    )
+
+
+def main(argv: list[str] | None = None) -> Trainer:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    trainer = build_trainer(model_args, data_args, training_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()  # the full model, or the LoRA adapter with the projector; the processor alongside
+    return trainer
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
