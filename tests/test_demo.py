@@ -67,3 +67,12 @@ def test_sample_image_and_its_answer(demo):
     example = demo_sample()
     assert np.array_equal(np.asarray(sample), np.asarray(example.image))
     assert answer(*demo, [sample], ["How many shapes are there?"]) == [example.answers[0]]
+
+
+@pytest.mark.parametrize("name", ["configuration", "modeling", "processing"])
+def test_checkpoint_code_is_the_package_code(name):
+    """The checkpoint ships copies of the package's files for trust_remote_code; they must not go stale."""
+    shipped = (CHECKPOINT / f"{name}_dense_connector.py").read_text()
+    assert shipped == (REPO / "dense_connector" / f"{name}_dense_connector.py").read_text(), (
+        f"dense_connector/demo/checkpoint/{name}_dense_connector.py is stale: copy the package's file there"
+    )
