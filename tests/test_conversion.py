@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from sentencepiece import sentencepiece_model_pb2
 from tiny import FIXTURE_NAMES, FIXTURES, run_without_package
 from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import dense_connector.conversion as conversion
 from dense_connector import DenseConnectorForConditionalGeneration, DenseConnectorProcessor
@@ -148,6 +150,31 @@ def test_converted_checkpoints_reproduce_the_original_as_remote_code(converted, 
             torch.testing.assert_close(output["pixel_values"], golden["pixel_values"], atol=1e-5, rtol=0)
             torch.testing.assert_close(output["logits"], golden["logits_last32"], atol=1e-4, rtol=0)
             assert output["new_ids"][0].tolist() == golden["generated_ids"][0, 1:].tolist()
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_merged_embeddings_match_the_original(converted, name, attention):
+    """The features that replace the placeholders, spliced into the text embeddings, are the original's merged
+    `inputs_embeds` (1e-4); with eager attention the SigLIP towers reproduce them to the last bit."""
+    folder = converted(name)
+    model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation=attention).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    meta = json.loads((FIXTURES / name / "meta.json").read_text())
+    images = [Image.open(FIXTURES / name / f"image{i}.png").convert("RGB") for i in range(meta["num_images"])]
+    inputs = processor(images=images, text=meta["prompt"], return_tensors="pt")
+    with torch.no_grad():
+        features = model.get_image_features(inputs["pixel_values"], image_sizes=inputs.get("image_sizes"))
+        embeds = model.model._scatter_features(
+            inputs["input_ids"],
+            model.get_input_embeddings()(inputs["input_ids"]),
+            features.pooler_output,
+            model.config.image_token_id,
+            "image",
+        )
+    golden = load_file(FIXTURES / name / "golden.safetensors")["inputs_embeds"]
+    exact = attention == "eager" and name.startswith("siglip")
+    torch.testing.assert_close(embeds, golden, atol=0 if exact else 1e-4, rtol=0)
 
 
 def test_fixtures_cover_sharded_bin_and_safetensors_checkpoints():
