@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import struct
 import sys
 import tempfile
@@ -1238,9 +1239,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through convert_checkpoint, which removes its staging folder
+
+
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run a parsed command line; returns the exit status (2 with a message when the checkpoint is refused)."""
+    """Run a parsed command line; returns the exit status (2 with a message when the checkpoint is refused).
+
+    A termination signal (`kill`) is turned into an exit that cleans up like Ctrl-C does.
+    """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         folder = convert_checkpoint(
             original=args.original,
@@ -1258,6 +1267,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     print(f"Converted model written to {folder}")
     return 0
 

@@ -6,8 +6,13 @@ last-32 logits and greedy ids.
 """
 
 import fnmatch
+import hashlib
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +22,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from sentencepiece import sentencepiece_model_pb2
-from tiny import FIXTURE_NAMES, FIXTURES, run_without_package
+from tiny import FIXTURE_NAMES, FIXTURES, REPO, run_without_package
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -641,6 +646,38 @@ def test_interrupt_while_writing_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         convert("clip_dci", output)
     assert list(tmp_path.iterdir()) == []
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_killed_conversion_leaves_no_output_and_the_original_untouched(signal_name, tmp_path):
+    """A real `kill` while the converter writes: `--output` never appears half-written and the original is intact.
+    SIGTERM also removes the hidden staging folder; SIGKILL cannot be caught, so only that `.partial` folder stays."""
+    original = tmp_path / "original"
+    shutil.copytree(FIXTURES / "clip_dci" / "original", original)
+    before = _tree_digest(original)
+    output = tmp_path / "out"
+    script = REPO / "conversion_scripts" / "convert_dense_connector_to_hf.py"
+    command = [sys.executable, str(script), "--original", str(original), "--output", str(output), "--no-progress"]
+    command += ["--vision-tower", str(FIXTURES / "clip_dci" / "vision_tower")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.*.partial")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, "the conversion ended before it could be interrupted"
+    process.send_signal(getattr(signal, signal_name))
+    assert process.wait(timeout=60) != 0
+    assert not output.exists()
+    assert _tree_digest(original) == before
+    staging = list(tmp_path.glob(".out.*.partial"))
+    assert staging == [] if signal_name == "SIGTERM" else len(staging) <= 1
 
 
 def test_failed_check_keeps_the_previous_output_and_leaves_nothing_behind(tmp_path):
