@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from tiny import FIXTURES, tiny_config, tiny_model, tiny_processor
-from transformers import AutoProcessor, LlavaImageProcessorPil
+from transformers import AutoProcessor, LlavaImageProcessorPil, LlavaNextImageProcessorPil
 
 from dense_connector import DenseConnectorProcessor
 
@@ -140,3 +140,37 @@ def test_tokenizer_without_image_token_is_rejected():
     tokenizer = tiny_processor(config).tokenizer.__class__.from_pretrained(FIXTURES / "clip_dci" / "original")
     with pytest.raises(ValueError, match=r"no '<image>' token; add it"):
         DenseConnectorProcessor(image_processor=LlavaImageProcessorPil(), tokenizer=tokenizer)
+
+
+def test_anyres_batch_of_differently_sized_images():
+    """AnyRes: each image's placeholder count follows its own size; a batch equals each image run alone."""
+    pinpoints = [[32, 64], [64, 32], [64, 64], [96, 32]]
+    config = tiny_config("siglip", "dci", image_grid_pinpoints=pinpoints)
+    model = tiny_model(config)
+    square = {"height": 32, "width": 32}
+    image_processor = LlavaNextImageProcessorPil(
+        image_grid_pinpoints=pinpoints,
+        do_pad=True,
+        size=square,
+        crop_size=square,
+        do_center_crop=False,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    processor = DenseConnectorProcessor(
+        image_processor=image_processor,
+        tokenizer=tiny_processor(config).tokenizer,
+        patch_size=4,
+        dense_connector_type="dci",
+    )
+    images = [_image(100, 30, seed=1), _image(20, 70, seed=2), _image(50, 50, seed=3)]
+    texts = [f"<image>\nImage {i}?" for i in range(3)]
+    batch = processor(images=images, text=texts, padding=True, padding_side="left", return_tensors="pt")
+    counts = (batch["input_ids"] == config.image_token_id).sum(1).tolist()
+    assert counts == [config.num_image_tokens((img.height, img.width)) for img in images]
+    assert len(set(counts)) == 3, "the three shapes should need different numbers of placeholders"
+    batched = model(**batch).logits
+    for row, (image, text) in enumerate(zip(images, texts)):
+        single = processor(images=image, text=text, return_tensors="pt")
+        logits = model(**single).logits[0]
+        torch.testing.assert_close(batched[row, -logits.shape[0] :], logits, atol=1e-5, rtol=1e-4)
