@@ -14,23 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from saved_checkpoint import save_images, save_tiny_checkpoint
 from tiny import FIXTURES
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import dense_connector
 from dense_connector import cli
 from dense_connector.conversion import convert_checkpoint
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint"))
-
-
-@pytest.fixture(scope="module")
-def image_paths(tmp_path_factory) -> list[Path]:
-    return save_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")

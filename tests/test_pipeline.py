@@ -4,12 +4,10 @@ import functools
 import http.server
 import json
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from saved_checkpoint import save_images, save_tiny_checkpoint
 from tiny import run_without_package
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer, pipeline
 
@@ -26,16 +24,6 @@ def chat(question: str, *images) -> list[dict]:
             "content": [{"type": "image", **item} for item in items] + [{"type": "text", "text": question}],
         }
     ]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint"))
-
-
-@pytest.fixture(scope="module")
-def image_paths(tmp_path_factory) -> list[Path]:
-    return save_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")
