@@ -1160,16 +1160,18 @@ def convert_checkpoint(
 
     created = [folder for folder in [output.parent, *output.parent.parents] if not folder.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result should not be
+    staging = None
     try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result should not be
         write_folder(conversion, staging, max_shard_size, progress)
         checks = check_folder(staging, conversion.dtype, verify_against)
         write_model_card(conversion, staging, checks)
         check_output(output, overwrite)  # nobody filled it meanwhile
         move_into_place(staging, output)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         for folder in created:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()

@@ -656,6 +656,14 @@ def _tree_digest(folder: Path) -> dict[str, str]:
     }
 
 
+def _writing(parent: Path) -> bool:
+    """Whether a staging folder under `parent` already holds files."""
+    try:
+        return any(any(folder.iterdir()) for folder in parent.glob(".out.*.partial"))
+    except FileNotFoundError:  # renamed into place or removed meanwhile
+        return False
+
+
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
 def test_killed_conversion_leaves_no_output_and_the_original_untouched(signal_name, tmp_path):
     """A real `kill` while the converter writes: `--output` never appears half-written and the original is intact.
@@ -669,7 +677,8 @@ def test_killed_conversion_leaves_no_output_and_the_original_untouched(signal_na
     command += ["--vision-tower", str(FIXTURES / "clip_dci" / "vision_tower")]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".out.*.partial")) and process.poll() is None and time.monotonic() < deadline:
+    # Kill once the staging folder holds files: the conversion is then surely writing.
+    while process.poll() is None and time.monotonic() < deadline and not _writing(tmp_path):
         time.sleep(0.01)
     assert process.poll() is None, "the conversion ended before it could be interrupted"
     process.send_signal(getattr(signal, signal_name))
