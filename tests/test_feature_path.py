@@ -5,14 +5,19 @@ layer, every state kept), the connector applied to the returned tuple as the ori
 DCI), then our projector.
 """
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import tiny_config, tiny_model
-from torch.profiler import ProfilerActivity, profile
+from tiny import REPO, tiny_config, tiny_model
 from transformers import AutoModel
 
 from dense_connector.modeling_dense_connector import encoder_layers
+
+
+sys.path.insert(0, str(REPO / "bench"))
+from common import peak_bytes  # noqa: E402  (the benchmarks' measurement, so test and bench agree)
 
 
 # CLIP with F = hs[-2]; SigLIP with F = hs[-1] (the released setting, on a tower already cut to 26 layers) and with
@@ -89,18 +94,6 @@ def test_features_match_keep_all_hidden_states_with_fewer_layers(tower, connecto
     assert layer_calls == list(range(num_layers - 1 if config.vision_feature_layer == -2 else num_layers))
 
 
-def peak_bytes(fn) -> int:
-    """Peak of the bytes held by tensors allocated inside `fn`, from the profiler's allocation/free events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [event for event in prof.profiler.kineto_results.events() if event.name() == "[memory]"]
-    current = peak = 0
-    for event in sorted(events, key=lambda event: event.start_ns()):
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
 @pytest.mark.parametrize("tower", ("clip", "siglip-skip-last"))
 def test_dci_peak_memory_is_near_the_single_layer_path(tower):
     """On a deep, narrow tower (24 layers, like CLIP-L) the stored states dominate the layers' own activations, so
@@ -112,9 +105,9 @@ def test_dci_peak_memory_is_near_the_single_layer_path(tower):
     reference_tower, projector = full_tower(model, config), model.model.connector.projector
     pixel_values = pixels(config, batch=4)
     with torch.no_grad():
-        ours = peak_bytes(lambda: model.get_image_features(pixel_values))
-        final_only = peak_bytes(lambda: single_layer.get_image_features(pixel_values))
-        keep_all = peak_bytes(lambda: reference_features(config, reference_tower, projector, pixel_values))
+        ours = peak_bytes(lambda: model.get_image_features(pixel_values), "cpu")
+        final_only = peak_bytes(lambda: single_layer.get_image_features(pixel_values), "cpu")
+        keep_all = peak_bytes(lambda: reference_features(config, reference_tower, projector, pixel_values), "cpu")
     state_bytes = pixel_values.shape[0] * (config.patches_per_side**2 + 1) * config.vision_config.hidden_size * 4
     assert keep_all > 25 * state_bytes  # the reference really holds every state
     assert ours < 0.5 * keep_all, (ours, keep_all)
