@@ -39,7 +39,8 @@ def main():
     print()
     bench_generate.run(argparse.Namespace(**vars(copy.copy(common)), new_tokens=options.new_tokens))
     print()
-    bench_feature_memory.run(argparse.Namespace(**vars(copy.copy(common)), batch=8, frames=32))
+    frames = 32 if options.tiny else 14  # 14 CLIP-L/336 frames take 4032 of Llama-7B's 4096 positions
+    bench_feature_memory.run(argparse.Namespace(**vars(copy.copy(common)), batch=8, frames=frames))
     print(f"\nTotal {time.perf_counter() - start:.0f} s")
 
 
