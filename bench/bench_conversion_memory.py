@@ -29,7 +29,7 @@ GB = 10**9
 
 CHILD = r"""
 import json, sys, threading, time
-import dense_connector.conversion as conversion
+from dense_connector.conversion import convert
 
 phase = {"name": "setup"}
 stats = {}
@@ -67,11 +67,11 @@ def timed_phase(name, function):
             phase["name"] = "finishing"
     return wrapper
 
-conversion.write_weights = timed_phase("streaming weights", conversion.write_weights)
-conversion.load_converted = timed_phase("loading for the check", conversion.load_converted)
-conversion.run_probe = timed_phase("check forward pass", conversion.run_probe)
+convert.write_weights = timed_phase("streaming weights", convert.write_weights)
+convert.load_converted = timed_phase("loading for the check", convert.load_converted)
+convert.run_probe = timed_phase("check forward pass", convert.run_probe)
 threading.Thread(target=sample, daemon=True).start()
-conversion.convert_checkpoint(sys.argv[1], sys.argv[2], vision_tower=sys.argv[3], progress=False)
+convert.convert_checkpoint(sys.argv[1], sys.argv[2], vision_tower=sys.argv[3], progress=False)
 phase["name"] = "done"
 stats["whole conversion"] = {"high_water_after": status()["VmHWM"]}
 print("STATS " + json.dumps(stats))

@@ -16,11 +16,10 @@ from common import (
     build_llava,
     describe_machine,
     describe_tower,
-    interleaved_times,
-    mib,
-    peak_bytes,
     setup,
 )
+
+from dense_connector.measurement import clock, interleaved_times, mib, peak_bytes
 
 
 CONNECTORS = ("dci", "sci", "sti", "none")
@@ -39,7 +38,7 @@ def run(args) -> dict[str, tuple[float, int]]:
         pixel_values, vision_feature_layer=-2, vision_feature_select_strategy="default"
     )
     with torch.inference_mode():
-        seconds = interleaved_times(encoders, args)
+        seconds = interleaved_times(encoders, args.reps, clock(args.device, args.threads))
         peaks = {name: peak_bytes(encode, args.device) for name, encode in encoders.items()}
 
     layers = {name: len(model.model.vision_tower.encoder.layers) for name, model in models.items()}

@@ -2,7 +2,8 @@
 
 Compared with the single-layer path (our "none" connector: the tower up to `F`, the projector) and with a
 straightforward DCI that keeps every hidden state (`output_hidden_states=True`, then stack and average per group, as
-the original code does). Peaks count only tensors allocated during the call (see `common.peak_bytes`).
+the original code does). Peaks count only tensors allocated during the call (see
+`dense_connector.measurement.peak_bytes`).
 
 Every stored state and every activation of a layer scales with (images x tokens x width), and SDPA never holds the
 tokens x tokens attention matrix, so the ratios do not depend on the input size; the CPU default of 112 px (65 tokens
@@ -22,10 +23,10 @@ from common import (
     build_llava,
     describe_machine,
     describe_tower,
-    mib,
-    peak_bytes,
     setup,
 )
+
+from dense_connector.measurement import mib, peak_bytes
 
 
 def keep_all_dci(config, tower, projector, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -18,13 +18,14 @@ from common import (
     add_model_arguments,
     build_dense_connector,
     build_llava,
-    clock,
     describe_language_model,
     describe_machine,
     describe_tower,
     setup,
 )
 from transformers import LogitsProcessor, LogitsProcessorList
+
+from dense_connector.measurement import clock
 
 
 TEXT_BEFORE, TEXT_AFTER = 40, 12  # roughly a Vicuna system prompt + "USER:" before the image, a question after
@@ -52,7 +53,7 @@ def prompt(num_image_tokens: int, device: str) -> torch.Tensor:
 
 def time_generate(model, input_ids, pixel_values, args) -> tuple[float, list[float]]:
     """Prefill seconds and the seconds of each decoding step of one greedy `generate` of `args.new_tokens` tokens."""
-    now = clock(args)
+    now = clock(args.device, args.threads)
     step_clock = StepClock(now)
     start = now()
     model.generate(
@@ -73,7 +74,7 @@ def interleaved_decode_steps(models: dict, inputs: dict, pixel_values: torch.Ten
     """Best time of one cached decoding step (a forward on one token) of each model, the models' steps alternating
     (A, B, C, A, B, C, ...) so that the machine's load hits them alike: the work of `generate`'s later steps, without
     its bookkeeping, measured finely enough to compare within a few percent on a shared machine."""
-    now = clock(args)
+    now = clock(args.device, args.threads)
     states, times = {}, {name: [] for name in models}
     for name, model in models.items():
         outputs = model(input_ids=inputs[name], pixel_values=pixel_values, use_cache=True, logits_to_keep=1)

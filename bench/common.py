@@ -1,21 +1,21 @@
-"""Shared pieces of the benchmarks: model building with shared weights, interleaved timing, peak-memory measurement.
+"""Shared pieces of the benchmarks: model building with shared weights, options, and the description of the run.
 
 Every benchmark builds transformers' own `LlavaForConditionalGeneration` with random weights, then our models with
 the *same* tower weights and the *same* language-model modules (shared, not copied), so that the only differences
-measured are the connector, the projector's width and the tower layers we skip.
+measured are the connector, the projector's width and the tower layers we skip. The measurements themselves (timing,
+peak memory) are `dense_connector.measurement`, which the tests use too.
 """
 
 import argparse
 import os
 import time
-from collections.abc import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 from transformers.initialization import no_init_weights
 
 from dense_connector import DenseConnectorConfig, DenseConnectorForConditionalGeneration
+from dense_connector.measurement import clock
 
 
 IMAGE_TOKEN_ID = 31999  # inside the Llama vocabulary, so both models embed it without resizing
@@ -118,71 +118,12 @@ def setup(args) -> None:
     torch.manual_seed(0)
 
 
-def clock(args) -> Callable[[], float]:
-    """The timer of this run. A single CPU thread is timed by its CPU time: the 2-core machine these figures come
-    from is shared with other jobs, which stretch wall time by unpredictable amounts but not the CPU time this
-    process spends on its own (deterministic) work. With several threads or on a GPU: wall time, synchronised."""
-    if args.device == "cpu" and args.threads == 1:
-        return time.process_time
-
-    def wall() -> float:
-        synchronize(args.device)
-        return time.perf_counter()
-
-    return wall
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def interleaved_times(functions: dict[str, Callable[[], object]], args) -> dict[str, float]:
-    """Best time of each function, run in rounds (A, B, C, A, B, C, ...) after one warm-up round.
-
-    Interleaving makes a slow phase of a shared machine hit every contender alike; the minimum is the run least
-    disturbed by other processes (what `timeit` reports), as the work itself is deterministic."""
-    now = clock(args)
-    times = {name: [] for name in functions}
-    for round_index in range(args.reps + 1):
-        for name, function in functions.items():
-            start = now()
-            function()
-            if round_index:
-                times[name].append(now() - start)
-    return {name: min(values) for name, values in times.items()}
-
-
-def peak_bytes(function: Callable[[], object], device: str) -> int:
-    """Peak bytes held by tensors allocated while `function` runs (weights and inputs made before are not counted).
-
-    CPU: torch's profiler records every allocation and free of the CPU allocator (size and time); the peak of their
-    running sum is the exact high-water mark of tensor memory, free of the noise of RSS and of the Python heap.
-    CUDA: the caching allocator's own peak counter, relative to what was allocated before.
-    """
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        function()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        function()
-    events = [event for event in prof.profiler.kineto_results.events() if event.name() == "[memory]"]
-    current = peak = 0
-    for event in sorted(events, key=lambda event: event.start_ns()):
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
 def describe_machine(args) -> str:
     if args.device.startswith("cuda"):
         where = torch.cuda.get_device_name()
     else:
         load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-        timer = "CPU time" if clock(args) is time.process_time else "wall time"
+        timer = "CPU time" if clock(args.device, args.threads) is time.process_time else "wall time"
         where = f"{os.cpu_count()} cores, {torch.get_num_threads()} thread(s), {timer}, load average {load}"
     return f"torch {torch.__version__}, {args.device} ({where}), {args.dtype}"
 
@@ -193,7 +134,3 @@ def describe_tower(vision) -> str:
 
 def describe_language_model(text) -> str:
     return f"{text.num_hidden_layers}-layer {text.hidden_size}-wide Llama"
-
-
-def mib(num_bytes: float) -> str:
-    return f"{num_bytes / 2**20:,.1f} MiB"

@@ -24,27 +24,25 @@ from safetensors.torch import load_file, save_file
 from sentencepiece import sentencepiece_model_pb2
 from tiny import FIXTURE_NAMES, FIXTURES, REPO, run_without_package
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 
-import dense_connector.conversion as conversion
 from dense_connector import DenseConnectorForConditionalGeneration, DenseConnectorProcessor
 from dense_connector.chat_templates import CHAT_TEMPLATES
 from dense_connector.conversion import (
     ConversionError,
-    TensorEntry,
-    TensorPlan,
-    build_generation_config,
     build_parser,
-    collapse_placeholders,
     convert_checkpoint,
     convert_tokenizer,
-    default_conv_mode,
     main,
-    plan_tensors,
-    sentencepiece_tokenizer,
+    sources,
     translate_config,
-    write_weights,
+    weights,
 )
+from dense_connector.conversion import convert as steps
+from dense_connector.conversion.folder import build_generation_config
+from dense_connector.conversion.tokenizer import default_conv_mode, sentencepiece_tokenizer
+from dense_connector.conversion.verify import collapse_placeholders
+from dense_connector.conversion.weights import TensorEntry, TensorPlan, plan_tensors, write_weights
 
 
 def convert(name: str, output: Path, **kwargs) -> Path:
@@ -116,7 +114,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 
 for name, folder in {folders}.items():
     fixture = Path({fixtures!r}) / name
@@ -494,7 +492,7 @@ def pushed(tmp_path_factory) -> dict:
         shutil.copytree(folder_path, uploaded)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(conversion, "snapshot_download", snapshot_download)
+        patch.setattr(sources, "snapshot_download", snapshot_download)
         patch.setattr(HfApi, "create_repo", create_repo)
         patch.setattr(HfApi, "upload_folder", upload_folder)
         convert_checkpoint(
@@ -637,11 +635,28 @@ def test_non_empty_output_is_refused_without_overwrite(tmp_path, capsys):
     assert [p.name for p in output.iterdir()] == ["keep.txt"]
 
 
+def test_python_dash_m_runs_the_same_command_line(tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    command = [
+        sys.executable,
+        "-m",
+        "dense_connector.conversion",
+        "--original",
+        str(FIXTURES / "clip_dci" / "original"),
+    ]
+    result = subprocess.run([*command, "--output", str(output)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "not empty" in result.stderr and "--overwrite" in result.stderr
+    assert [p.name for p in output.iterdir()] == ["keep.txt"]
+
+
 def test_interrupt_while_writing_leaves_nothing_behind(tmp_path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(conversion, "append_rows", interrupt)
+    monkeypatch.setattr(weights, "append_rows", interrupt)
     output = tmp_path / "new" / "deeper" / "out"
     with pytest.raises(KeyboardInterrupt):
         convert("clip_dci", output)
@@ -697,6 +712,30 @@ def test_failed_check_keeps_the_previous_output_and_leaves_nothing_behind(tmp_pa
         convert("clip_sci", output, overwrite=True, verify_against=FIXTURES / "clip_dci")
     assert [p.name for p in output.iterdir()] == ["previous.txt"]
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("loader", ["package", "transformers"])
+def test_verification_refuses_a_written_folder_with_missing_or_unexpected_tensors(loader, tmp_path, monkeypatch):
+    """The check after writing refuses an incomplete folder by itself, naming the tensors, whether loading raises
+    on them (the package's loader) or only reports them (transformers' own `from_pretrained`)."""
+
+    def write_incomplete(plan, folder, *args, **kwargs):
+        names = write_weights(plan, folder, *args, **kwargs)
+        tensors = load_file(folder / "model.safetensors")
+        del tensors["model.connector.projector.0.bias"]
+        tensors["model.connector.extra.weight"] = torch.zeros(2)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        return names
+
+    monkeypatch.setattr(steps, "write_weights", write_incomplete)
+    if loader == "transformers":
+        lenient = PreTrainedModel.from_pretrained.__func__
+        monkeypatch.setattr(DenseConnectorForConditionalGeneration, "from_pretrained", classmethod(lenient))
+    with pytest.raises(ConversionError) as error:
+        convert("clip_sci", tmp_path / "out")
+    assert "model.connector.projector.0.bias" in str(error.value)
+    assert "model.connector.extra.weight" in str(error.value)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 def test_parser_is_reusable_by_another_command():

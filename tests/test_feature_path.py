@@ -5,19 +5,14 @@ layer, every state kept), the connector applied to the returned tuple as the ori
 DCI), then our projector.
 """
 
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import REPO, tiny_config, tiny_model
+from tiny import tiny_config, tiny_model
 from transformers import AutoModel
 
+from dense_connector.measurement import peak_bytes  # the benchmarks' measurement, so test and bench agree
 from dense_connector.modeling_dense_connector import encoder_layers
-
-
-sys.path.insert(0, str(REPO / "bench"))
-from common import peak_bytes  # noqa: E402  (the benchmarks' measurement, so test and bench agree)
 
 
 # CLIP with F = hs[-2]; SigLIP with F = hs[-1] (the released setting, on a tower already cut to 26 layers) and with

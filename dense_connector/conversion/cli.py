@@ -1,0 +1,94 @@
+"""The conversion's command line, shared by `python -m dense_connector.conversion`,
+`conversion_scripts/convert_dense_connector_to_hf.py` and `dense-connector convert`.
+
+This module owns the arguments, their parsing (sizes like `5GB`), and running a parsed command line: a refused
+checkpoint exits with status 2 and its message, and a termination signal cleans up as Ctrl-C does.
+"""
+
+import argparse
+import logging
+import re
+import signal
+import sys
+
+from ..chat_templates import CHAT_TEMPLATES
+from .convert import DTYPES, convert_checkpoint
+from .sources import ConversionError
+
+
+def parse_size(size: str) -> int:
+    """'5GB', '500MB', '2GiB' or a number of bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B)?\s*", size.upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{size!r} is not a size like 5GB, 500MB or 2GiB.")
+    number, unit, suffix = match.groups()
+    base = 1024 if suffix == "IB" else 1000
+    return int(float(number) * base ** "_KMGT".index(unit or "_"))
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The conversion's command-line arguments, added to `parser` when given (e.g. a `dense-connector convert` one)."""
+    parser = parser or argparse.ArgumentParser(
+        prog="convert_dense_connector_to_hf",
+        description="Convert an original Dense Connector (LLaVA-layout) checkpoint to a transformers folder.",
+    )
+    parser.add_argument("--original", required=True, help="folder or Hub id of the original checkpoint")
+    parser.add_argument(
+        "--vision-tower", help="folder or Hub id of the vision tower (default: the checkpoint's mm_vision_tower)"
+    )
+    parser.add_argument("--output", required=True, help="folder to write (must be empty unless --overwrite)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="weights dtype (default: the checkpoint's torch_dtype)"
+    )
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this Hub repository")
+    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    parser.add_argument(
+        "--verify-against", metavar="FIXTURE_DIR", help="compare with recorded original outputs (golden.safetensors)"
+    )
+    parser.add_argument(
+        "--conv-mode", choices=sorted(CHAT_TEMPLATES), help="conversation format (default: from the tokenizer)"
+    )
+    parser.add_argument(
+        "--max-shard-size", type=parse_size, default=5 * 10**9, help="largest output shard (default: 5GB)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through convert_checkpoint, which removes its staging folder
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run a parsed command line; returns the exit status (2 with a message when the checkpoint is refused).
+
+    A termination signal (`kill`) is turned into an exit that cleans up like Ctrl-C does.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        folder = convert_checkpoint(
+            original=args.original,
+            output=args.output,
+            vision_tower=args.vision_tower,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            verify_against=args.verify_against,
+            conv_mode=args.conv_mode,
+            push_to_hub=args.push_to_hub,
+            private=args.private,
+            max_shard_size=args.max_shard_size,
+            progress=not args.no_progress,
+        )
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    print(f"Converted model written to {folder}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_from_args(build_parser().parse_args(argv))

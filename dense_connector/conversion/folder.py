@@ -1,0 +1,126 @@
+"""What a converted folder holds besides weights and config: processor, generation config and model card.
+
+This module owns the image processor settings taken from the original tower (CLIP's saved preprocessor config, or
+the fixed settings of the original SigLIP processor), the processor with the chat template of the conversation
+format, the generation config that stops where the original conversation stops, and the model card's conversion
+section.
+"""
+
+from collections import Counter
+from pathlib import Path
+
+from transformers import GenerationConfig, LlavaImageProcessorPil, LlavaNextImageProcessorPil
+
+from ..chat_templates import CHAT_TEMPLATES, stop_token_ids
+from ..modeling_dense_connector import DenseConnectorForConditionalGeneration
+from ..processing_dense_connector import DenseConnectorProcessor
+from .config import Translation
+from .sources import ConversionError, read_json
+from .tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
+
+
+CLIP_PROCESSOR_FIELDS = (
+    "do_resize",
+    "size",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+)
+
+
+def image_processor_settings(tower: str, tower_folder: Path, image_size: int) -> dict:
+    """Resize / crop / normalise settings of the original tower's image processor."""
+    if tower == "siglip":  # the original SigLIP processor ignores saved settings: square resize, mean = std = 0.5
+        square = {"height": image_size, "width": image_size}
+        return {
+            "size": square,
+            "crop_size": square,
+            "do_center_crop": False,
+            "resample": 3,
+            "rescale_factor": 1 / 255,
+            "image_mean": [0.5] * 3,
+            "image_std": [0.5] * 3,
+        }
+    settings = read_json(tower_folder / "preprocessor_config.json")
+    settings = {key: settings[key] for key in CLIP_PROCESSOR_FIELDS if key in settings}
+    size, crop = settings.get("size"), settings.get("crop_size")
+    if isinstance(size, int):
+        settings["size"] = size = {"shortest_edge": size}
+    if isinstance(crop, int):
+        settings["crop_size"] = crop = {"height": crop, "width": crop}
+    if not size or "shortest_edge" not in size or crop != {"height": image_size, "width": image_size}:
+        raise ConversionError(
+            f"The CLIP preprocessor config in {tower_folder} has size={size}, crop_size={crop}; expected a "
+            f"shortest-edge resize and a {image_size}x{image_size} crop matching the tower's image_size."
+        )
+    return settings
+
+
+def build_processor(
+    translation: Translation, tokenizer, tower_folder: Path, conv_mode: str
+) -> DenseConnectorProcessor:
+    config = translation.config
+    settings = image_processor_settings(translation.tower, tower_folder, config.vision_config.image_size)
+    if translation.preprocessing == "anyres":
+        image_processor = LlavaNextImageProcessorPil(
+            image_grid_pinpoints=config.image_grid_pinpoints, do_pad=True, **settings
+        )
+    else:
+        image_processor = LlavaImageProcessorPil(do_pad=translation.preprocessing == "pad", **settings)
+    return DenseConnectorProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATES[conv_mode],
+        image_token=IMAGE_TOKEN,
+        video_token=VIDEO_TOKEN,
+        patch_size=config.vision_config.patch_size,
+        dense_connector_type=config.dense_connector_type,
+        sti_pool_stride=config.sti_pool_stride,
+        image_downsample_factor=config.image_downsample_factor,
+        video_pool_stride=config.video_pool_stride,
+    )
+
+
+def build_generation_config(tokenizer, conv_mode: str) -> GenerationConfig:
+    """Greedy by default; stops where the original conversation format stops; pads with the tokenizer's pad id."""
+    stops = stop_token_ids(tokenizer, conv_mode)
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=stops[0] if len(stops) == 1 else stops,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+CONVERSION_CARD = """
+## Conversion
+
+Converted from the original Dense Connector checkpoint `{original}` (vision tower `{tower}`) with
+`python conversion_scripts/convert_dense_connector_to_hf.py` of the `dense-connector` package.
+
+- Connector `{connector}`, projector of depth {depth}, image preprocessing `{preprocessing}`, conversation format
+  `{conv_mode}` (chat template included), weights in `{dtype}`.
+- Tokenizer: `<image>` (id {image_token_id}) and `<video>` (id {video_token_id}) added; vocabulary {old_vocab} ->
+  {new_vocab} rows (new rows are the mean of the original ones). Padding side `left` for batched generation (the
+  original trained with `{padding_side}`).
+- Vision tower weights from: {tower_from}. Tensors left out on purpose: {dropped}.
+{notes}- Check after conversion: {verification}
+"""
+
+
+def model_card(
+    model: DenseConnectorForConditionalGeneration, details: dict, notes: list[str], verification: str
+) -> str:
+    note_lines = "".join(f"- {note}\n" for note in notes)
+    return model.model_card() + CONVERSION_CARD.format(**details, notes=note_lines, verification=verification)
+
+
+def summarize_dropped(dropped: dict[str, str]) -> str:
+    """'16 x vision-tower layer that is never run; ...' (or 'none')."""
+    counts = Counter(dropped.values())
+    return "; ".join(f"{count} x {reason}" for reason, count in sorted(counts.items())) or "none"
