@@ -2,14 +2,13 @@
 original input ids."""
 
 import json
-from pathlib import Path
 
 import pytest
 from original_tokenization import tokenizer_image_token
 from PIL import Image
 from safetensors.torch import load_file
-from tiny import FIXTURES, tiny_config, tiny_processor, tiny_tokenizer
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tiny import FIXTURES, llama_3_tokenizer_folder, tiny_config, tiny_processor, tiny_tokenizer
+from tokenizers import Tokenizer
 from transformers import AutoProcessor
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -142,32 +141,6 @@ def test_template_with_converted_tokenizer_gives_original_input_ids(name):
     assert ids[:first] + [-200] + ids[first + count :] == expected
 
 
-LLAMA_3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-
-
-def llama_3_checkpoint_tokenizer(folder: Path) -> Path:
-    """A tiny Llama-3-style tokenizer as an original checkpoint holds it: byte-level BPE trained on the chat prompts,
-    Llama-3's special tokens, a post-processor that adds `<|begin_of_text|>`, only `tokenizer.json`."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=LLAMA_3_SPECIALS, initial_alphabet=alphabet)
-    backend.train_from_iterator([case["prompt"] for case in CASES], trainer)
-    backend.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", backend.token_to_id("<|begin_of_text|>"))]
-    )
-    folder.mkdir()
-    backend.save(str(folder / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": LLAMA_3_SPECIALS[0],
-        "eos_token": "<|eot_id|>",
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
-
-
 LLAMA_3_CASES = [case for case in CASES if case["conv_mode"] == "llama_3"]
 
 
@@ -177,7 +150,7 @@ def test_llama_3_ids_start_with_two_begin_of_text_as_the_original(case, tmp_path
     literal `<|begin_of_text|>` kept) gives two BOS; a converted Llama-3 checkpoint gives the same ids whichever way
     a prompt or chat reaches it: the prompt tokenised whole, the processor on the prompt, the chat template through
     the tokenizer or the processor, and the processor on its own rendered text."""
-    folder = llama_3_checkpoint_tokenizer(tmp_path / "original")
+    folder = llama_3_tokenizer_folder(tmp_path / "original")
     original = Tokenizer.from_file(str(folder / "tokenizer.json"))
     bos = original.token_to_id("<|begin_of_text|>")
     expected = tokenizer_image_token(lambda chunk: original.encode(chunk).ids, case["prompt"], bos)

@@ -7,6 +7,7 @@ recorded with the original). Consumers other than our processor (vLLM, generic e
 """
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -158,6 +159,29 @@ def test_whole_chat_prompts_give_the_original_ids(remove_extra_whitespaces, lega
     for prompt in PROMPTS:
         expected = tokenizer_image_token(reference, prompt, reference.model.bos_id(), PLACEHOLDERS)
         assert collapse(tokenizer(prompt)["input_ids"], placeholder_ids) == expected, prompt
+
+
+# Random prompts built from the pieces where the original's per-segment whitespace handling matters: runs of spaces,
+# literal "▁", newlines, special tokens and placeholders next to each other and to text.
+RANDOM_PIECES = [" ", "  ", "\n", "\t", "\u2581", "a", "hello", "x y", ".", "USER:", " ASSISTANT:"]
+RANDOM_PIECES += ["<s>", "</s>", "<unk>", "<image>", "<video>"]
+
+
+@pytest.mark.parametrize(("remove_extra_whitespaces", "legacy"), list(SLOW_IDS))
+def test_whole_random_prompts_give_the_original_ids(remove_extra_whitespaces, legacy, tmp_path):
+    rng = random.Random(0)
+    texts = ["".join(rng.choices(RANDOM_PIECES, k=rng.randint(0, 12))) for _ in range(1000)]
+    folder = sentencepiece_variant(tmp_path / "tokenizer", remove_extra_whitespaces, legacy)
+    reference = SlowLlamaTokenizer(folder / "tokenizer.model", legacy is not False)
+    tokenizer, placeholder_ids = converted(folder)
+    bos = reference.model.bos_id()
+    differ = [
+        text
+        for text in texts
+        if collapse(tokenizer(text)["input_ids"], placeholder_ids)
+        != tokenizer_image_token(reference, text, bos, PLACEHOLDERS)
+    ]
+    assert differ == []
 
 
 def converted_processor() -> DenseConnectorProcessor:

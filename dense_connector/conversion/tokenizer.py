@@ -81,14 +81,13 @@ def segment_boundaries(
 ) -> list[normalizers.Normalizer]:
     """Normalizer steps for the places where the non-legacy original ends one SentencePiece call and starts another:
     before a special token or placeholder, trailing spaces go (with `remove_extra_whitespaces`); after a
-    placeholder, a non-empty chunk gets its "▁"."""
+    placeholder, a chunk that starts with text gets its "▁"."""
+    any_boundary = "|".join(re.escape(token) for token in (*placeholders, *specials))
     steps = []
-    if remove_extra_whitespaces and (placeholders or specials):
-        any_boundary = "|".join(re.escape(token) for token in (*placeholders, *specials))
+    if remove_extra_whitespaces and any_boundary:
         steps.append(normalizers.Replace(Regex(f"[ {SENTENCEPIECE_SPACE}]+(?={any_boundary})"), ""))
-    any_placeholder = "|".join(re.escape(token) for token in placeholders)
     for token in placeholders:
-        followed_by_text = Regex(f"{re.escape(token)}(?!{any_placeholder}|\\z)")
+        followed_by_text = Regex(f"{re.escape(token)}(?!{any_boundary}|\\z)")
         steps.append(normalizers.Replace(followed_by_text, token + SENTENCEPIECE_SPACE))
     return steps
 
