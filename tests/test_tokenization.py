@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from sentencepiece import sentencepiece_model_pb2
 from tiny import FIXTURE_NAMES, FIXTURES, REPO, tiny_config, tiny_processor
-from transformers import AutoProcessor
+from transformers import AutoProcessor, AutoTokenizer
 
 from dense_connector import DenseConnectorProcessor
 from dense_connector.conversion import convert_tokenizer
@@ -131,11 +131,14 @@ def converted(folder: Path):
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_whole_fixture_prompt_gives_the_original_ids(name):
+def test_whole_fixture_prompt_gives_the_original_ids(name, tmp_path):
+    """Also once saved and loaded back, as consumers load a converted folder."""
     meta = json.loads((FIXTURES / name / "meta.json").read_text())
     expected = load_file(FIXTURES / name / "golden.safetensors")["input_ids_original"][0].tolist()
     tokenizer, placeholder_ids = converted(FIXTURES / name / "original")
-    assert collapse(tokenizer(meta["prompt"])["input_ids"], placeholder_ids) == expected
+    tokenizer.save_pretrained(tmp_path)
+    for loaded in (tokenizer, AutoTokenizer.from_pretrained(tmp_path)):
+        assert collapse(loaded(meta["prompt"])["input_ids"], placeholder_ids) == expected
 
 
 SYSTEM = CHAT_CASES[0]["prompt"].split(" USER:")[0]
