@@ -5,6 +5,12 @@ prompts of the original conversation code, including its quirk that `llama_3` pu
 `system` header (the released model was trained that way). Images and videos in a message become the `<image>` /
 `<video>` placeholder followed by a newline, at the start of that message, as the original places them.
 
+`llama_3` writes the tokenizer's BOS before the original's prompt, which itself begins with a literal
+`<|begin_of_text|>`: the original's ids start with both (its `tokenizer_image_token` keeps the BOS the tokenizer
+adds), so a chat rendered here and tokenised without special tokens, as chat consumers do, gives those ids.
+`DenseConnectorProcessor.apply_chat_template` leaves that first BOS out of the text it returns, because calling the
+processor on the text adds it. `vicuna_v1` writes no BOS: its ids get theirs from the tokenizer.
+
 Messages may hold a plain string or transformers-style content items
 (`[{"type": "image"}, {"type": "text", "text": "..."}]`); a leading `system` message replaces the default system
 prompt.
@@ -83,6 +89,7 @@ LLAMA_3 = (
     _RENDER_CONTENT
     + _SYSTEM_PROMPT.replace("DEFAULT", repr(LLAMA_3_SYSTEM))
     + """
+{{- bos_token if bos_token is defined else "" -}}
 {{- "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n" + system_prompt + "<|eot_id|>" -}}
 {%- for message in messages -%}
 """

@@ -107,7 +107,7 @@ def assistant_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[in
     return text, spans
 
 
-def token_char_starts(processor, text: str, input_ids: list[int], added_bos: bool) -> list[int | None]:
+def token_char_starts(processor, text: str, input_ids: list[int]) -> list[int | None]:
     """Character offset in `text` where each of the processor's tokens starts (`None` for an added BOS and for
     placeholders).
 
@@ -121,7 +121,7 @@ def token_char_starts(processor, text: str, input_ids: list[int], added_bos: boo
     bounds = [0, *(pos for match in pattern.finditer(text) for pos in match.span()), len(text)]
     starts: list[int | None] = []
     position = 0
-    if added_bos and input_ids[:1] == [tokenizer.bos_token_id]:
+    if input_ids[:1] == [tokenizer.bos_token_id]:
         starts.append(None)
         position = 1
     for chunk_start, chunk_end in zip(bounds[0::2], bounds[1::2]):
@@ -186,12 +186,10 @@ class DenseConnectorDataCollator:
         messages, image_refs = record_to_messages(record, self.processor.image_token)
         images = [self.load_image(image) for image in image_refs]
         text, spans = assistant_spans(self.processor, messages)
-        # As `processor.apply_chat_template(tokenize=True)` at inference: no BOS added when the template writes one.
-        bos = self.processor.tokenizer.bos_token
-        add_bos = not (bos and text.startswith(bos))
-        encoded = self.processor(images=images or None, text=text, add_special_tokens=add_bos, return_tensors="pt")
+        # The processor's rendered text leaves the BOS to the processor, which adds it as the original's training does.
+        encoded = self.processor(images=images or None, text=text, return_tensors="pt")
         input_ids = encoded["input_ids"][0].tolist()
-        labels = mask_labels(input_ids, token_char_starts(self.processor, text, input_ids, add_bos), spans)
+        labels = mask_labels(input_ids, token_char_starts(self.processor, text, input_ids), spans)
         if self.max_length is not None and len(input_ids) > self.max_length:
             placeholder_ids = {self.processor.image_token_id, self.processor.video_token_id}
             if any(token in placeholder_ids for token in input_ids[self.max_length :]):

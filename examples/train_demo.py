@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaImageProcessorPil, PreTrainedTokenizerFast
 
 from dense_connector import DenseConnectorConfig, DenseConnectorForConditionalGeneration, DenseConnectorProcessor
@@ -36,6 +36,22 @@ DEMO_DIR = Path(__file__).resolve().parents[1] / "dense_connector" / "demo"
 PATCH_SIZE = 16  # a 4x4 grid of image tokens: each quadrant of the scene is 2x2 tokens
 VOCAB_SIZE = 320
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
+
+
+def text_starts_after_placeholders(tokenizer: Tokenizer) -> Tokenizer:
+    """`tokenizer` with text after `<image>` / `<video>` tokenised as the start of a text, as the processor does (it
+    tokenises the chunks between placeholders one by one), so that a whole prompt gets the processor's ids: a chunk
+    that does not start with a space gets the "▁" Metaspace puts in front of a text. The placeholders are matched
+    after normalisation, so that the normalizer sees them; the vocabulary is untouched."""
+    placeholders = ("<image>", "<video>")
+    ends_chunk = "|".join(placeholders)
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Replace(Regex(f"{token}(?![ ▁]|{ends_chunk}|\\z)"), token + "▁") for token in placeholders]
+    )
+    state = json.loads(tokenizer.to_str())
+    for token in state["added_tokens"]:
+        token["normalized"] = token["content"] in placeholders
+    return Tokenizer.from_str(json.dumps(state))
 
 
 def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
@@ -59,7 +75,7 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
         single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+        tokenizer_object=text_starts_after_placeholders(tokenizer),
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",

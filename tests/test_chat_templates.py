@@ -4,14 +4,19 @@ original input ids."""
 import json
 
 import pytest
+from original_tokenization import tokenizer_image_token
 from PIL import Image
 from safetensors.torch import load_file
-from tiny import FIXTURES, tiny_config, tiny_processor, tiny_tokenizer
+from tiny import FIXTURES, llama_3_tokenizer_folder, tiny_config, tiny_processor, tiny_tokenizer
+from tokenizers import Tokenizer
+from transformers import AutoProcessor
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from dense_connector import DenseConnectorProcessor
 from dense_connector.chat_templates import CHAT_TEMPLATES, LLAMA_3_SYSTEM, STOP_TOKENS, stop_token_ids
 from dense_connector.conversion import convert_tokenizer
+from dense_connector.conversion.tokenizer import default_conv_mode
+from dense_connector.conversion.verify import collapse_placeholders
 
 
 CASES = json.loads((FIXTURES / "chat_prompts.json").read_text())
@@ -136,23 +141,48 @@ def test_template_with_converted_tokenizer_gives_original_input_ids(name):
     assert ids[:first] + [-200] + ids[first + count :] == expected
 
 
-def test_llama_3_template_tokenizes_with_a_single_begin_of_text():
-    """The llama_3 prompt carries its own `<|begin_of_text|>`; the processor must not add a second one."""
-    processor = tiny_processor(tiny_config(), chat_template=CHAT_TEMPLATES["llama_3"])
-    header_tokens = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"]
-    processor.tokenizer.add_special_tokens(
-        {"additional_special_tokens": header_tokens}, replace_extra_special_tokens=False
+LLAMA_3_CASES = [case for case in CASES if case["conv_mode"] == "llama_3"]
+
+
+@pytest.mark.parametrize("case", LLAMA_3_CASES, ids=[f"{len(c['turns'])}turns" for c in LLAMA_3_CASES])
+def test_llama_3_ids_start_with_two_begin_of_text_as_the_original(case, tmp_path):
+    """The original's formula on the llama_3 prompt (chunks tokenised with the tokenizer's BOS, the prompt's own
+    literal `<|begin_of_text|>` kept) gives two BOS; a converted Llama-3 checkpoint gives the same ids whichever way
+    a prompt or chat reaches it: the prompt tokenised whole, the processor on the prompt, the chat template through
+    the tokenizer or the processor, and the processor on its own rendered text."""
+    folder = llama_3_tokenizer_folder(tmp_path / "original")
+    original = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    bos = original.token_to_id("<|begin_of_text|>")
+    expected = tokenizer_image_token(lambda chunk: original.encode(chunk).ids, case["prompt"], bos)
+    assert expected[:2] == [bos, bos] and expected[2] != bos
+
+    tokenizer = convert_tokenizer(folder, {})
+    processor = DenseConnectorProcessor(
+        image_processor=tiny_processor(tiny_config()).image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATES[default_conv_mode(tokenizer)],
     )
-    processor.tokenizer.bos_token = "<|begin_of_text|>"
-    messages = [
-        {
-            "role": "user",
-            "content": [{"type": "image", "image": Image.new("RGB", (20, 30))}, {"type": "text", "text": "Hi"}],
-        }
-    ]
-    ids = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)[0]
-    vocab = processor.tokenizer.get_vocab()
-    assert ids[0] == vocab["<|begin_of_text|>"] and ids.count(vocab["<|begin_of_text|>"]) == 1
-    assert ids.count(processor.image_token_id) == 64
-    assert ids.count(vocab["<|eot_id|>"]) == 2 and ids[-1] != vocab["<|eot_id|>"]
-    assert stop_token_ids(processor.tokenizer, "llama_3") == [vocab["<|eot_id|>"], vocab["<|end_of_text|>"]]
+    processor.save_pretrained(tmp_path / "converted")
+    processor = AutoProcessor.from_pretrained(tmp_path / "converted")
+    tokenizer = processor.tokenizer
+
+    def original_form(ids) -> list[int]:
+        return collapse_placeholders(list(ids), processor.image_token_id)
+
+    images = [Image.new("RGB", (20, 30))] * case["prompt"].count("<image>")
+    messages = as_messages(case["turns"], structured=True)
+    for item in (item for message in messages if message["role"] == "user" for item in message["content"]):
+        if item["type"] == "image":
+            item["image"] = images[0]
+    assert original_form(tokenizer(case["prompt"])["input_ids"]) == expected
+    assert original_form(processor(text=case["prompt"], images=images or None)["input_ids"][0]) == expected
+    chat = as_messages(case["turns"], structured=False)
+    assert (
+        original_form(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)["input_ids"])
+        == expected
+    )
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert original_form(inputs["input_ids"][0]) == expected
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == case["prompt"]
+    assert original_form(processor(text=text, images=images or None)["input_ids"][0]) == expected

@@ -21,7 +21,6 @@ from huggingface_hub import HfApi
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from sentencepiece import sentencepiece_model_pb2
 from tiny import FIXTURE_NAMES, FIXTURES, REPO, run_without_package
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
@@ -40,7 +39,7 @@ from dense_connector.conversion import (
 )
 from dense_connector.conversion import convert as steps
 from dense_connector.conversion.folder import build_generation_config
-from dense_connector.conversion.tokenizer import default_conv_mode, sentencepiece_tokenizer
+from dense_connector.conversion.tokenizer import default_conv_mode
 from dense_connector.conversion.verify import collapse_placeholders
 from dense_connector.conversion.weights import TensorEntry, TensorPlan, plan_tensors, write_weights
 
@@ -352,70 +351,6 @@ def test_llama_3_tokenizer_gets_the_llama_3_format_and_stop_tokens(tmp_path):
     generation = build_generation_config(tokenizer, "llama_3")
     assert generation.eos_token_id == [4, 1]  # <|eot_id|>, then <|end_of_text|>
     assert "<|start_header_id|>system<|end_header_id|>" in CHAT_TEMPLATES["llama_3"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizer fidelity: ids of the original slow tokenizer (transformers 4.36.2, recorded)
-# ----------------------------------------------------------------------------------------------------------------
-
-TEXTS = ["A chat USER: ", "\nDescribe the picture.", " hello", "  hello  world  ", "\n\n a \n b \t c", "", " "]
-# (remove_extra_whitespaces, legacy) -> ids of each text from the original `LlamaTokenizer` (use_fast=False)
-SLOW_IDS = {
-    (True, False): [
-        [1, 472, 549, 274, 835, 889, 947, 928],
-        [1, 902, 13, 394, 905, 914, 384, 929, 903, 291, 311, 908, 295, 739, 920],
-        [1, 902, 655, 911, 352],
-        [1, 902, 655, 911, 352, 308, 268, 464],
-        [1, 902, 13, 13, 264, 902, 13, 293, 902, 12, 277],
-        [1],
-        [1],
-    ],
-    (True, None): [
-        [1, 472, 549, 274, 835, 889, 947, 928],
-        [1, 902, 13, 394, 905, 914, 384, 929, 903, 291, 311, 908, 295, 739, 920],
-        [1, 655, 911, 352],
-        [1, 655, 911, 352, 308, 268, 464],
-        [1, 902, 13, 13, 264, 902, 13, 293, 902, 12, 277],
-        [1],
-        [1],
-    ],
-    (False, False): [
-        [1, 472, 549, 274, 835, 889, 947, 928, 902],
-        [1, 902, 13, 394, 905, 914, 384, 929, 903, 291, 311, 908, 295, 739, 920],
-        [1, 902, 655, 911, 352],
-        [1, 902, 902, 655, 911, 352, 902, 308, 268, 464, 902, 902],
-        [1, 902, 13, 13, 264, 902, 13, 293, 902, 12, 277],
-        [1],
-        [1, 902, 902],
-    ],
-    (False, True): [
-        [1, 472, 549, 274, 835, 889, 947, 928, 902],
-        [1, 902, 13, 394, 905, 914, 384, 929, 903, 291, 311, 908, 295, 739, 920],
-        [1, 902, 655, 911, 352],
-        [1, 902, 902, 655, 911, 352, 902, 308, 268, 464, 902, 902],
-        [1, 902, 13, 13, 264, 902, 13, 293, 902, 12, 277],
-        [1],
-        [1, 902, 902],
-    ],
-}
-
-
-@pytest.mark.parametrize(("remove_extra_whitespaces", "legacy"), list(SLOW_IDS))
-def test_converted_tokenizer_gives_the_original_slow_tokenizer_ids(remove_extra_whitespaces, legacy, tmp_path):
-    source = FIXTURES / "clip_dci" / "original"
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString((source / "tokenizer.model").read_bytes())
-    proto.normalizer_spec.remove_extra_whitespaces = remove_extra_whitespaces
-    (tmp_path / "tokenizer.model").write_bytes(proto.SerializeToString())
-    tokenizer_config = json.loads((source / "tokenizer_config.json").read_text())
-    tokenizer_config.pop("legacy")
-    if legacy is not None:
-        tokenizer_config["legacy"] = legacy
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    shutil.copyfile(source / "special_tokens_map.json", tmp_path / "special_tokens_map.json")
-
-    tokenizer = sentencepiece_tokenizer(tmp_path)
-    assert [tokenizer(text)["input_ids"] for text in TEXTS] == SLOW_IDS[(remove_extra_whitespaces, legacy)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,10 +7,11 @@ import logging
 import pytest
 import torch
 from PIL import Image
-from tiny import REPO, tiny_config, tiny_model, tiny_processor, tiny_tokenizer
+from tiny import REPO, llama_3_tokenizer_folder, tiny_config, tiny_model, tiny_processor, tiny_tokenizer
 
 from dense_connector import DenseConnectorProcessor
 from dense_connector.chat_templates import CHAT_TEMPLATES
+from dense_connector.conversion import convert_tokenizer
 from dense_connector.training import (
     IGNORE_INDEX,
     DenseConnectorDataCollator,
@@ -88,14 +89,16 @@ def test_labels_are_exactly_the_assistant_replies(processor):
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "llama_3"])
-def test_training_ids_are_the_inference_ids(template):
+def test_training_ids_are_the_inference_ids(template, tmp_path):
     """The prompt part of a training sequence is what `apply_chat_template(tokenize=True)` gives at inference, also
-    for templates that write the BOS themselves (llama_3), and the reply is trained with its end-of-turn token."""
+    for llama_3, whose ids start with two BOS as the original's do, and the reply is trained with its end-of-turn
+    token."""
     processor = tiny_processor(CONFIG, chat_template=CHAT_TEMPLATES[template])
     if template == "llama_3":
-        markers = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-        processor.tokenizer.add_tokens(markers, special_tokens=True)
-        processor.tokenizer.bos_token = "<|begin_of_text|>"
+        tokenizer = convert_tokenizer(llama_3_tokenizer_folder(tmp_path / "llama_3"), {})
+        processor = DenseConnectorProcessor(
+            processor.image_processor, tokenizer, chat_template=CHAT_TEMPLATES[template]
+        )
     end_of_turn = {"vicuna_v1": "</s>", "llama_3": "<|eot_id|>"}[template]
     picture = image()
     question = {"role": "user", "content": [{"type": "image", "image": picture}, {"type": "text", "text": "What?"}]}
@@ -106,7 +109,7 @@ def test_training_ids_are_the_inference_ids(template):
     batch = DenseConnectorDataCollator(processor)([record])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     assert ids[: len(inference)] == list(inference)
-    assert ids.count(processor.tokenizer.bos_token_id) == 1
+    assert ids.count(processor.tokenizer.bos_token_id) == {"vicuna_v1": 1, "llama_3": 2}[template]  # as the original
     assert labels[: len(inference)] == [IGNORE_INDEX] * len(inference)
     assert processor.tokenizer.decode(labels[len(inference) :]) == "A box." + end_of_turn
 

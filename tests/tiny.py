@@ -1,11 +1,13 @@
 """Tiny Dense Connector configs, tokenizer, processor and models shared by the tests (no downloads)."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, LlavaImageProcessorPil
 
 from dense_connector import DenseConnectorConfig, DenseConnectorForConditionalGeneration, DenseConnectorProcessor
@@ -23,6 +25,27 @@ def tiny_tokenizer():
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
     tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
+
+
+def llama_3_tokenizer_folder(folder: Path) -> Path:
+    """A tiny Llama-3-style tokenizer as an original checkpoint holds it (only `tokenizer.json`): byte-level BPE
+    trained on the fixtures' chat prompts, Llama-3's special tokens, a post-processor that adds `<|begin_of_text|>`."""
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=alphabet)
+    prompts = [case["prompt"] for case in json.loads((FIXTURES / "chat_prompts.json").read_text())]
+    backend.train_from_iterator(prompts, trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", backend.token_to_id(specials[0]))]
+    )
+    folder.mkdir(parents=True)
+    backend.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": specials[0], "eos_token": "<|eot_id|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
 
 
 def tiny_config(tower: str = "clip", connector: str = "dci", **overrides) -> DenseConnectorConfig:

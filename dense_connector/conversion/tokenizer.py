@@ -6,11 +6,13 @@ own whitespace rules), a `tokenizer.json` tokenizer taken as is, the `<image>` /
 original would pad with, left padding, the conversation format a tokenizer implies, and the padded vocabulary size.
 """
 
+import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
-from tokenizers import Regex, normalizers, pre_tokenizers
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerFast
 
 from .sources import ConversionError, read_json
@@ -30,7 +32,9 @@ def sentencepiece_model(model_file: Path):
     return proto
 
 
-def sentencepiece_pipeline(proto, legacy: bool) -> tuple[normalizers.Normalizer | None, pre_tokenizers.PreTokenizer]:
+def sentencepiece_pipeline(
+    proto, legacy: bool, placeholders: tuple[str, ...] = (), specials: tuple[str, ...] = ()
+) -> tuple[normalizers.Normalizer | None, pre_tokenizers.PreTokenizer]:
     """Normalizer and pre-tokenizer that make the fast tokenizer split text as the original slow one does.
 
     The original code tokenises with transformers' slow `LlamaTokenizer`, i.e. SentencePiece with the model's own
@@ -39,6 +43,12 @@ def sentencepiece_pipeline(proto, legacy: bool) -> tuple[normalizers.Normalizer 
     gets no trailing "▁") the ids differ. Non-legacy slow tokenizers (`legacy=False`) prefix the text with "▁" even
     when it starts with a space (" What" -> "▁▁What"), which the fast `Metaspace` does not; legacy ones let
     SentencePiece add its dummy prefix to every piece between special tokens.
+
+    Non-legacy, the whole text goes through one normalizer (the tokens `specials` and `placeholders` are matched
+    after normalisation), so that only the text's true start gets the prefix, as in the slow tokenizer; text before
+    a special token loses its trailing spaces as SentencePiece strips each segment's. The original also tokenises
+    the chunks between image placeholders one by one: each chunk after a placeholder starts with "▁" too, so a whole
+    prompt gets the original's ids. Legacy tokenizers need none of this: every piece gets its own prefix.
     """
     spec = proto.normalizer_spec
     if not spec.escape_whitespaces or proto.trainer_spec.treat_whitespace_as_suffix:
@@ -60,13 +70,39 @@ def sentencepiece_pipeline(proto, legacy: bool) -> tuple[normalizers.Normalizer 
         scheme = "never"
     else:
         steps.append(normalizers.Replace(Regex("\\A "), "  "))
+        steps += segment_boundaries(placeholders, specials, spec.remove_extra_whitespaces)
         scheme = "first"
     normalizer = normalizers.Sequence(steps) if steps else None
     return normalizer, pre_tokenizers.Metaspace(replacement=SENTENCEPIECE_SPACE, prepend_scheme=scheme, split=False)
 
 
-def sentencepiece_tokenizer(folder: Path, **settings) -> PreTrainedTokenizerFast:
-    """A fast tokenizer built from the original `tokenizer.model` that gives the original slow tokenizer's ids."""
+def segment_boundaries(
+    placeholders: tuple[str, ...], specials: tuple[str, ...], remove_extra_whitespaces: bool
+) -> list[normalizers.Normalizer]:
+    """Normalizer steps for the places where the non-legacy original ends one SentencePiece call and starts another:
+    before a special token or placeholder, trailing spaces go (with `remove_extra_whitespaces`); after a
+    placeholder, a chunk that starts with text gets its "▁"."""
+    any_boundary = "|".join(re.escape(token) for token in (*placeholders, *specials))
+    steps = []
+    if remove_extra_whitespaces and any_boundary:
+        steps.append(normalizers.Replace(Regex(f"[ {SENTENCEPIECE_SPACE}]+(?={any_boundary})"), ""))
+    for token in placeholders:
+        followed_by_text = Regex(f"{re.escape(token)}(?!{any_boundary}|\\z)")
+        steps.append(normalizers.Replace(followed_by_text, token + SENTENCEPIECE_SPACE))
+    return steps
+
+
+def normalized_added_tokens(backend: Tokenizer) -> Tokenizer:
+    """`backend` with its added (special) tokens matched after normalisation rather than before."""
+    state = json.loads(backend.to_str())
+    for token in state["added_tokens"]:
+        token["normalized"] = True
+    return Tokenizer.from_str(json.dumps(state))
+
+
+def sentencepiece_tokenizer(folder: Path, placeholders: tuple[str, ...] = (), **settings) -> PreTrainedTokenizerFast:
+    """A fast tokenizer built from the original `tokenizer.model` that gives the original slow tokenizer's ids, with
+    `placeholders` added as special tokens between which a whole prompt is tokenised as the original's chunks."""
     tokenizer_config = (
         read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
     )
@@ -79,10 +115,13 @@ def sentencepiece_tokenizer(folder: Path, **settings) -> PreTrainedTokenizerFast
                 shutil.copy(folder / name, scratch)
         converted = AutoTokenizer.from_pretrained(scratch, legacy=legacy)
     backend = converted.backend_tokenizer
+    specials = tuple(token.content for token in backend.get_added_tokens_decoder().values())
+    if not legacy:
+        backend = normalized_added_tokens(backend)
     backend.normalizer, backend.pre_tokenizer = sentencepiece_pipeline(
-        sentencepiece_model(folder / "tokenizer.model"), legacy
+        sentencepiece_model(folder / "tokenizer.model"), legacy, placeholders, specials
     )
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=converted.bos_token,
         eos_token=converted.eos_token,
@@ -91,6 +130,9 @@ def sentencepiece_tokenizer(folder: Path, **settings) -> PreTrainedTokenizerFast
         clean_up_tokenization_spaces=False,
         **settings,
     )
+    placeholder_tokens = [AddedToken(token, special=True, normalized=not legacy) for token in placeholders]
+    tokenizer.add_tokens(placeholder_tokens, special_tokens=True)
+    return tokenizer
 
 
 def convert_tokenizer(folder: Path, original: dict) -> PreTrainedTokenizerFast:
@@ -99,16 +141,16 @@ def convert_tokenizer(folder: Path, original: dict) -> PreTrainedTokenizerFast:
     settings = {"padding_side": "left"}
     if original.get("tokenizer_model_max_length"):
         settings["model_max_length"] = int(original["tokenizer_model_max_length"])
+    placeholders = (IMAGE_TOKEN, VIDEO_TOKEN)
     if (folder / "tokenizer.model").is_file():
-        tokenizer = sentencepiece_tokenizer(folder, **settings)
+        tokenizer = sentencepiece_tokenizer(folder, placeholders, **settings)
     elif (folder / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(folder, **settings)
+        tokenizer.add_tokens(
+            [AddedToken(token, special=True, normalized=False) for token in placeholders], special_tokens=True
+        )
     else:
         raise ConversionError(f"{folder} has neither tokenizer.model (SentencePiece) nor tokenizer.json.")
-    tokenizer.add_tokens(
-        [AddedToken(token, special=True, normalized=False) for token in (IMAGE_TOKEN, VIDEO_TOKEN)],
-        special_tokens=True,
-    )
     if tokenizer.pad_token is None:
         vocab = tokenizer.get_vocab()
         pad_id = original.get("pad_token_id")

@@ -228,6 +228,19 @@ class DenseConnectorProcessor(ProcessorMixin):
             data.update(padded)
         return BatchFeature(data, tensor_type=return_tensors)
 
+    def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
+        """transformers' `apply_chat_template`, except that rendered text (`tokenize=False`) leaves out a BOS the
+        template writes first: calling the processor on that text adds the tokenizer's BOS, as the original does, so
+        `processor(text=processor.apply_chat_template(messages))` gives the same ids as `tokenize=True` (two
+        `<|begin_of_text|>` for `llama_3`, as in the original)."""
+        rendered = super().apply_chat_template(conversation, chat_template, **kwargs)
+        bos = self.tokenizer.bos_token
+        if kwargs.get("tokenize") or not bos:
+            return rendered
+        if isinstance(rendered, str):
+            return rendered.removeprefix(bos)
+        return [text.removeprefix(bos) for text in rendered]
+
     def _check_images_per_sample(self, text: list[str], images) -> None:
         """With images nested per sample (`[[a], [b, c]]`), each sample must hold one image per placeholder."""
         nested = isinstance(images, (list, tuple)) and all(isinstance(group, (list, tuple)) for group in images)
