@@ -191,7 +191,7 @@ def plot_scores(scores: dict[str, float | None], model_name: str, release: str |
     reported = dict(zip(REPORTED_COLUMNS, REPORTED[release])) if release else {}
     positions = range(len(columns))
     width = 0.4 if release else 0.6
-    figure, axes = pyplot.subplots(figsize=(max(4.0, 1.1 * len(columns) + 1.5), 4.0))
+    figure, axes = pyplot.subplots(figsize=(max(5.0, 1.1 * len(columns) + 1.5), 4.5))
     ours = [scores[column] or 0.0 for column in columns]
     bars = axes.bar([p - (width / 2 if release else 0) for p in positions], ours, width, label=f"{model_name} (this run)")
     axes.bar_label(bars, labels=[("–" if scores[c] is None else f"{scores[c]:.1f}") for c in columns], fontsize=8)
@@ -202,8 +202,8 @@ def plot_scores(scores: dict[str, float | None], model_name: str, release: str |
     axes.set_xticks(list(positions), columns, rotation=20)
     axes.set_ylabel("score (%)")
     axes.set_ylim(0, 105)
-    axes.legend(loc="upper right", fontsize=8)
-    axes.set_title("Dense Connector benchmarks")
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8, frameon=False)
+    axes.set_title("Dense Connector benchmarks" + (" (MME, a raw score, is in scores.md)" if "MME" in scores else ""))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     pyplot.close(figure)

@@ -16,7 +16,7 @@ import json
 import random
 from pathlib import Path
 
-from ..demo_data import HELDOUT_SEED, POSITIONS, SHAPES, draw_scene, make_examples, random_scene
+from ..demo_data import COLORS, HELDOUT_SEED, POSITIONS, draw_scene, make_examples, random_scene
 
 
 TASK = "dc_shapes"
@@ -58,15 +58,15 @@ def task_yaml(dataset_path: Path) -> str:
 
 
 def pope_rows(num_images: int, seed: int) -> list[dict]:
-    """POPE-shaped records: per scene, "Is there a <colour> shape ...?" (yes) and "Is there a <kind> ...?" (no)."""
+    """POPE-shaped records: per scene, "Is there a <kind> ...?" (yes) and "Is there a <colour> shape ...?" (no)."""
     rng = random.Random(seed)
     rows = []
     for index in range(num_images):
         scene = random_scene(rng, rng.randint(1, len(POSITIONS)))
         image = draw_scene(scene)
-        present = rng.choice(scene).color
-        absent = rng.choice(sorted(set(SHAPES) - {shape.kind for shape in scene}))
-        questions = ((f"Is there a {present} shape in the image?", "yes"), (f"Is there a {absent} in the image?", "no"))
+        present = rng.choice(scene).kind
+        absent = rng.choice(sorted(set(COLORS) - {shape.color for shape in scene}))
+        questions = ((f"Is there a {present} in the image?", "yes"), (f"Is there a {absent} shape in the image?", "no"))
         for offset, (question, answer) in enumerate(questions):
             rows.append(
                 {
