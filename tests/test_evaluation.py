@@ -63,7 +63,7 @@ def test_answers_equal_generate_one_by_one_at_batch_sizes_1_and_8(demo_files, tm
     single = run_eval(folder, tmp_path / "b1.jsonl", "--batch-size", "1")
     assert [a["text"] for a in batched] == expected
     assert [a["text"] for a in single] == expected
-    gold = [json.loads(line)["answer"] for line in (folder / "answers.jsonl").read_text().splitlines()]
+    gold = [json.loads(line)["answer"] for line in (folder / "expected.jsonl").read_text().splitlines()]
     assert sum(a == g for a, g in zip(expected, gold)) >= len(gold) - 2  # the demo model knows these questions
 
 

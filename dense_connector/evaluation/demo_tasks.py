@@ -2,7 +2,7 @@
 
 `write_demo_data(folder)` writes, from the held-out shapes questions:
 
-- `llava/questions.jsonl`, `llava/images/*.png` and `llava/answers.jsonl` (the expected answers): the authors'
+- `llava/questions.jsonl`, `llava/images/*.png` and `llava/expected.jsonl` (the right answers): the authors'
   LLaVA format, for `dense-connector eval --question-file`;
 - `dc_shapes/`: a local dataset (`datasets` parquet folder) for this package's lmms-eval task `dc_shapes`
   (exact match, the functions below);
@@ -83,7 +83,7 @@ def pope_rows(num_images: int, seed: int) -> list[dict]:
 
 
 def write_llava_files(folder: Path, num_images: int, seed: int) -> list:
-    """`folder/questions.jsonl`, `folder/answers.jsonl` (expected answers) and `folder/images/`; returns the examples."""
+    """`folder/questions.jsonl`, `folder/expected.jsonl` (right answers) and `folder/images/`; returns the examples."""
     examples = make_examples(num_images, seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     questions, answers = [], []
@@ -94,7 +94,7 @@ def write_llava_files(folder: Path, num_images: int, seed: int) -> list:
         questions.append({"question_id": index, "image": file, "text": example.questions[0], "category": kind})
         answers.append({"question_id": index, "answer": example.answers[0]})
     write_jsonl(folder / "questions.jsonl", questions)
-    write_jsonl(folder / "answers.jsonl", answers)
+    write_jsonl(folder / "expected.jsonl", answers)
     return examples
 
 
@@ -117,7 +117,10 @@ def write_demo_data(folder: str | Path, num_images: int = 16, seed: int = HELDOU
         table = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
         (folder / name / "data").mkdir(parents=True, exist_ok=True)
         table.to_parquet(str(folder / name / "data" / "test-00000-of-00001.parquet"))
-    return [folder / "llava", folder / TASK, folder / "pope"]
+    from .benchmarks import write_task_files
+
+    write_task_files(["shapes", "pope"], folder, folder / "tasks")
+    return [folder / "llava", folder / TASK, folder / "pope", folder / "tasks"]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:

@@ -1,0 +1,127 @@
+"""lmms-eval with the `dense_connector` model, offline, on the bundled demo checkpoint and synthetic local tasks.
+
+Runs in lmms-eval's own environment (`make test-eval`: .venv-eval with the eval extra), never in `make test`.
+Every answer lmms-eval records must equal transformers' own `generate` run one question at a time, at batch sizes 1
+and 8, and the scores must be what those answers earn; the stock POPE task file runs against a local stand-in; and
+the README's Evaluation commands run as written.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from lmms_eval.evaluator import simple_evaluate
+from lmms_eval.models import get_model
+from lmms_eval.tasks import TaskManager
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from dense_connector.evaluation.demo_tasks import TASK, write_demo_data
+from dense_connector.integrations.lmms_eval import DenseConnectorLMM
+
+
+REPO = Path(__file__).resolve().parents[2]
+CHECKPOINT = REPO / "dense_connector" / "demo" / "checkpoint"
+POPE_INSTRUCTION = "\nAnswer the question using a single word or phrase."  # the stock POPE task's post_prompt
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """Nothing here may reach the Hub: fail instead of downloading."""
+    saved = {key: os.environ.get(key) for key in OFFLINE}
+    os.environ.update(OFFLINE)
+    yield
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("eval-data")
+    write_demo_data(folder, num_images=8)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return DenseConnectorLMM(pretrained=str(CHECKPOINT), batch_size=1)
+
+
+def reference(dataset_folder: Path, suffix: str, max_new_tokens: int) -> list[str]:
+    """transformers' own generate, one question at a time, greedy, image first, cut at lmms-eval's default `until`."""
+    processor = AutoProcessor.from_pretrained(CHECKPOINT)
+    model = AutoModelForImageTextToText.from_pretrained(CHECKPOINT).eval()
+    answers = []
+    for doc in datasets.load_dataset(str(dataset_folder), split="test"):
+        text = doc["question"] + suffix
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(images=doc["image"].convert("RGB"), text=prompt, return_tensors="pt")
+        with torch.inference_mode():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        decoded = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers.append(decoded.split("\n\n")[0].strip())
+    return answers
+
+
+def evaluate(lm, data: Path) -> dict:
+    manager = TaskManager(include_path=str(data / "tasks"), include_defaults=False)
+    return simple_evaluate(model=lm, tasks=[TASK, "pope_local"], task_manager=manager, log_samples=True)
+
+
+def responses(output: dict, task: str) -> list[str]:
+    return [sample["resps"][0][0] for sample in sorted(output["samples"][task], key=lambda s: s["doc_id"])]
+
+
+def test_the_entry_point_registers_the_model():
+    assert get_model("dense_connector") is DenseConnectorLMM
+
+
+def test_unknown_model_args_are_refused():
+    with pytest.raises(ValueError, match="Unknown model_args for dense_connector: revison"):
+        DenseConnectorLMM(pretrained=str(CHECKPOINT), revison="main")
+
+
+def test_answers_and_scores_equal_generate_one_by_one_at_batch_sizes_1_and_8(lm, data):
+    shapes_expected = reference(data / TASK, "", max_new_tokens=8)
+    pope_expected = reference(data / "pope", POPE_INSTRUCTION, max_new_tokens=128)
+    gold = datasets.load_dataset(str(data / TASK), split="test")["answer"]
+    for batch_size in (1, 8):
+        lm.batch_size_per_device = batch_size
+        output = evaluate(lm, data)
+        assert responses(output, TASK) == shapes_expected, f"batch size {batch_size}"
+        assert responses(output, "pope_local") == pope_expected, f"batch size {batch_size}"
+        score = output["results"][TASK]["exact_match,none"]
+        assert score == pytest.approx(sum(a == g for a, g in zip(shapes_expected, gold)) / len(gold))
+        assert score >= 0.75  # the demo model answers most of its own questions
+        pope_gold = datasets.load_dataset(str(data / "pope"), split="test")["answer"]
+        pope_accuracy = sum(a.lower() == g for a, g in zip(pope_expected, pope_gold)) / len(pope_gold)
+        assert output["results"]["pope_local"]["pope_accuracy,none"] == pytest.approx(pope_accuracy)
+
+
+def readme_evaluation_commands() -> list[str]:
+    """The bash blocks of the README's Evaluation section that run on the demo checkpoint (those naming it)."""
+    section = REPO.joinpath("README.md").read_text().split("\n## Evaluation", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    return [block for block in blocks if "dense_connector/demo/checkpoint" in block]
+
+
+def test_readme_commands_run_offline_as_written(tmp_path):
+    commands = readme_evaluation_commands()
+    assert commands, "the README lost its demo evaluation commands"
+    (tmp_path / "dense_connector").symlink_to(REPO / "dense_connector")  # commands are written for the repo root
+    env = {**os.environ, **OFFLINE, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for command in commands:
+        run = subprocess.run(["bash", "-eo", "pipefail", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, f"{command}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    table = (tmp_path / "eval-results" / "scores.md").read_text().splitlines()
+    assert table[0] == "| model | Shapes (demo) | POPE |"
+    assert re.fullmatch(r"\| checkpoint \(this run\) \| [\d.]+ \| [\d.]+ \|", table[2])
+    assert (tmp_path / "eval-results" / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    answers = (tmp_path / "eval-data" / "llava" / "answers-demo.jsonl").read_text().splitlines()
+    assert len(answers) == len((tmp_path / "eval-data" / "llava" / "questions.jsonl").read_text().splitlines())
