@@ -42,7 +42,9 @@ def reference_answers(questions: list[dict], image_folder) -> list[str]:
     for record in questions:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["text"]}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(images=Image.open(image_folder / record["image"]).convert("RGB"), text=prompt, return_tensors="pt")
+        inputs = processor(
+            images=Image.open(image_folder / record["image"]).convert("RGB"), text=prompt, return_tensors="pt"
+        )
         with torch.inference_mode():
             output = model.generate(**inputs, max_new_tokens=128, do_sample=False)
         answers.append(processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
@@ -123,7 +125,9 @@ def test_releases_are_recognised_from_names_and_model_cards(tmp_path):
     assert identify_release("x/DenseConnector-v1.5-SigLIP-7B-AnyRes") == "DenseConnector-v1.5-SigLIP-7B-AnyRes"
     converted = tmp_path / "converted"
     converted.mkdir()
-    (converted / "README.md").write_text("Converted from the original Dense Connector checkpoint `HuanjinYao/DenseConnector-v1.5-8B`")
+    (converted / "README.md").write_text(
+        "Converted from the original Dense Connector checkpoint `HuanjinYao/DenseConnector-v1.5-8B`"
+    )
     assert identify_release(str(converted)) == "DenseConnector-v1.5-8B"
     assert identify_release(str(CHECKPOINT)) is None
     assert identify_release(str(CHECKPOINT), "DenseConnector-v1.5-7B") == "DenseConnector-v1.5-7B"

@@ -67,13 +67,15 @@ def parse_benchmarks(text: str) -> list[str]:
     names = list(PAPER) if text == "paper" else [name.strip().lower() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown or not names:
-        raise ValueError(f"unknown benchmark(s) {', '.join(unknown) or text!r}; use 'paper' or some of: {', '.join(BENCHMARKS)}")
+        raise ValueError(
+            f"unknown benchmark(s) {', '.join(unknown) or text!r}; use 'paper' or some of: {', '.join(BENCHMARKS)}"
+        )
     return names
 
 
 def identify_release(model: str, name: str | None = None) -> str | None:
-    """Which of the authors' releases `model` is: `name` if given, else from the path / Hub id, else from the model
-    card that `dense-connector convert` writes ("Converted from the original ... `HuanjinYao/DenseConnector-v1.5-7B`")."""
+    """Which of the authors' releases `model` is: `name` if given, else from the path or Hub id, else from the model
+    card that `dense-connector convert` writes ("Converted from ... `HuanjinYao/DenseConnector-v1.5-7B`")."""
     card = Path(model) / "README.md"
     texts = [name or "", model, card.read_text(errors="replace") if card.is_file() else ""]
     for text in texts:
@@ -113,7 +115,9 @@ def write_task_files(names: list[str], data_dir: Path | None, folder: Path) -> l
                 "dataset_path": str(local.resolve()),
                 "dataset_kwargs": {},
             }
-            (folder / f"{task}.yaml").write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in override.items()))
+            (folder / f"{task}.yaml").write_text(
+                "".join(f"{key}: {json.dumps(value)}\n" for key, value in override.items())
+            )
             tasks.append(task)
         else:
             tasks.append(benchmark.task)
@@ -193,12 +197,16 @@ def plot_scores(scores: dict[str, float | None], model_name: str, release: str |
     width = 0.4 if release else 0.6
     figure, axes = pyplot.subplots(figsize=(max(5.0, 1.1 * len(columns) + 1.5), 4.5))
     ours = [scores[column] or 0.0 for column in columns]
-    bars = axes.bar([p - (width / 2 if release else 0) for p in positions], ours, width, label=f"{model_name} (this run)")
+    bars = axes.bar(
+        [p - (width / 2 if release else 0) for p in positions], ours, width, label=f"{model_name} (this run)"
+    )
     axes.bar_label(bars, labels=[("–" if scores[c] is None else f"{scores[c]:.1f}") for c in columns], fontsize=8)
     if release:
         theirs = [reported.get(column) or 0.0 for column in columns]
         bars = axes.bar([p + width / 2 for p in positions], theirs, width, label=f"{release} (reported)")
-        axes.bar_label(bars, labels=[("–" if c not in reported else f"{reported[c]:.1f}") for c in columns], fontsize=8)
+        axes.bar_label(
+            bars, labels=[("–" if c not in reported else f"{reported[c]:.1f}") for c in columns], fontsize=8
+        )
     axes.set_xticks(list(positions), columns, rotation=20)
     axes.set_ylabel("score (%)")
     axes.set_ylim(0, 105)
@@ -228,13 +236,19 @@ def run_benchmarks(
         model, tasks, output / "lmms-eval", output / "tasks", batch_size, limit, max(len(gpus), 1), model_args
     )
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else dict(os.environ)
-    if Path(model).is_dir() and data_dir and all(task.endswith("_local") or name == "shapes" for name, task in zip(names, tasks)):
+    if (
+        Path(model).is_dir()
+        and data_dir
+        and all(task.endswith("_local") or name == "shapes" for name, task in zip(names, tasks))
+    ):
         env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # everything is local: never ask the Hub
     subprocess.run(command, env=env, check=True)
     scores = scores_from_results(latest_results(output / "lmms-eval"), names, tasks)
     model_name = Path(model.rstrip("/")).name
     release = identify_release(model, release)
     (output / "scores.md").write_text(markdown_table(scores, model_name, release))
-    (output / "scores.json").write_text(json.dumps({"model": model, "release": release, "scores": scores}, indent=2) + "\n")
+    (output / "scores.json").write_text(
+        json.dumps({"model": model, "release": release, "scores": scores}, indent=2) + "\n"
+    )
     plot_scores(scores, model_name, release, output / "scores.png")
     return scores

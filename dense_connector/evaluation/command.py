@@ -23,8 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     lmms = parser.add_argument_group("benchmarks through lmms-eval (needs the eval extra)")
     lmms.add_argument("--benchmarks", default="paper", help="'paper' (default) or a comma-separated list")
-    lmms.add_argument("--data-dir", type=Path, help="folder with local copies of the datasets, one per task name (e.g. DIR/pope)")
-    lmms.add_argument("--output", type=Path, default=Path("eval-results"), help="results folder (default eval-results)")
+    lmms.add_argument(
+        "--data-dir", type=Path, help="folder with local copies of the datasets, one per task name (e.g. DIR/pope)"
+    )
+    lmms.add_argument(
+        "--output", type=Path, default=Path("eval-results"), help="results folder (default eval-results)"
+    )
     lmms.add_argument("--limit", type=int, help="evaluate only the first N questions of each task")
     lmms.add_argument("--release", help="compare with the numbers reported for this release of the authors")
 
@@ -80,7 +84,13 @@ def answer_questions(args: argparse.Namespace, gpus: list[str], usage_error: typ
     device = f"cuda:{gpus[0]}" if gpus else args.device
     answerer = Answerer(*load_pretrained(args.model, device, args.dtype))
     count = answer_file(
-        answerer, questions, args.image_folder, args.answers_file, model_id(args.model), settings, args.batch_size,
+        answerer,
+        questions,
+        args.image_folder,
+        args.answers_file,
+        model_id(args.model),
+        settings,
+        args.batch_size,
         progress=not args.no_progress,
     )
     print(f"wrote {count} answers to {args.answers_file}")

@@ -66,7 +66,10 @@ def pope_rows(num_images: int, seed: int) -> list[dict]:
         image = draw_scene(scene)
         present = rng.choice(scene).kind
         absent = rng.choice(sorted(set(COLORS) - {shape.color for shape in scene}))
-        questions = ((f"Is there a {present} in the image?", "yes"), (f"Is there a {absent} shape in the image?", "no"))
+        questions = (
+            (f"Is there a {present} in the image?", "yes"),
+            (f"Is there a {absent} shape in the image?", "no"),
+        )
         for offset, (question, answer) in enumerate(questions):
             rows.append(
                 {

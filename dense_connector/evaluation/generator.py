@@ -78,9 +78,7 @@ class Answerer:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     @torch.inference_mode()
-    def answer(
-        self, images: list[list[Image.Image]], questions: list[str], settings: GenerationSettings
-    ) -> list[str]:
+    def answer(self, images: list[list[Image.Image]], questions: list[str], settings: GenerationSettings) -> list[str]:
         """One answer per question, generated as one left-padded batch; `images[i]` belongs to `questions[i]`."""
         if len(images) != len(questions):
             raise ValueError(f"Got {len(questions)} questions but {len(images)} image lists; give one list each.")

@@ -38,7 +38,9 @@ def read_questions(path: str | Path) -> list[dict]:
                 raise ValueError(f"{path}:{number} is not a JSON record ({error.msg})") from error
             missing = [key for key in ("question_id", "text") if key not in record]
             if missing:
-                raise ValueError(f"{path}:{number} lacks {', '.join(missing)}; each question needs question_id and text")
+                raise ValueError(
+                    f"{path}:{number} lacks {', '.join(missing)}; each question needs question_id and text"
+                )
             records.append(record)
     return records
 

@@ -117,7 +117,9 @@ def test_readme_commands_run_offline_as_written(tmp_path):
     (tmp_path / "dense_connector").symlink_to(REPO / "dense_connector")  # commands are written for the repo root
     env = {**os.environ, **OFFLINE, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     for command in commands:
-        run = subprocess.run(["bash", "-eo", "pipefail", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
+        run = subprocess.run(
+            ["bash", "-eo", "pipefail", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
         assert run.returncode == 0, f"{command}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     table = (tmp_path / "eval-results" / "scores.md").read_text().splitlines()
     assert table[0] == "| model | Shapes (demo) | POPE |"
