@@ -6,6 +6,7 @@ and 8, and the scores must be what those answers earn; the stock POPE task file 
 the README's Evaluation commands run as written.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -69,6 +70,14 @@ def reference(dataset_folder: Path, suffix: str, max_new_tokens: int) -> list[st
     return answers
 
 
+@pytest.fixture(scope="module")
+def expected(data) -> dict[str, list[str]]:
+    return {
+        TASK: reference(data / TASK, "", max_new_tokens=8),
+        "pope_local": reference(data / "pope", POPE_INSTRUCTION, max_new_tokens=128),
+    }
+
+
 def evaluate(lm, data: Path) -> dict:
     manager = TaskManager(include_path=str(data / "tasks"), include_defaults=False)
     return simple_evaluate(model=lm, tasks=[TASK, "pope_local"], task_manager=manager, log_samples=True)
@@ -87,9 +96,8 @@ def test_unknown_model_args_are_refused():
         DenseConnectorLMM(pretrained=str(CHECKPOINT), revison="main")
 
 
-def test_answers_and_scores_equal_generate_one_by_one_at_batch_sizes_1_and_8(lm, data):
-    shapes_expected = reference(data / TASK, "", max_new_tokens=8)
-    pope_expected = reference(data / "pope", POPE_INSTRUCTION, max_new_tokens=128)
+def test_answers_and_scores_equal_generate_one_by_one_at_batch_sizes_1_and_8(lm, data, expected):
+    shapes_expected, pope_expected = expected[TASK], expected["pope_local"]
     gold = datasets.load_dataset(str(data / TASK), split="test")["answer"]
     for batch_size in (1, 8):
         lm.batch_size_per_device = batch_size
@@ -127,3 +135,20 @@ def test_readme_commands_run_offline_as_written(tmp_path):
     assert (tmp_path / "eval-results" / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     answers = (tmp_path / "eval-data" / "llava" / "answers-demo.jsonl").read_text().splitlines()
     assert len(answers) == len((tmp_path / "eval-data" / "llava" / "questions.jsonl").read_text().splitlines())
+
+
+def test_data_parallel_processes_split_the_questions_and_give_the_same_answers(data, expected, tmp_path):
+    """Two CPU processes under torchrun (as `accelerate launch` runs one per GPU): each answers half."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lmms_eval"]
+    command += ["--model", "dense_connector", "--model_args", f"pretrained={CHECKPOINT}", "--batch_size", "4"]
+    command += ["--tasks", f"{TASK},pope_local", "--include_path", str(data / "tasks"), "--log_samples"]
+    command += ["--output_path", str(tmp_path)]
+    run = subprocess.run(
+        command, env={**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Running on rank 1" in run.stdout + run.stderr
+    for task in (TASK, "pope_local"):
+        (samples,) = tmp_path.rglob(f"*_samples_{task}.jsonl")
+        records = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda r: r["doc_id"])
+        assert [r["filtered_resps"] for r in records] == expected[task]
