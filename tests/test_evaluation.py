@@ -152,3 +152,12 @@ def test_unknown_benchmark_is_refused():
     with pytest.raises(ValueError, match="unknown benchmark"):
         parse_benchmarks("gqa,vqav9")
     assert parse_benchmarks("paper")[:3] == ["textvqa", "sqa", "gqa"]
+
+
+def test_gpus_run_one_process_per_chunk_and_merge_in_order(demo_files, tmp_path):
+    """`--gpus 0,1`: two processes (on CPU here, CUDA_VISIBLE_DEVICES set for each), chunk files merged in order."""
+    folder, _ = demo_files
+    whole = run_eval(folder, tmp_path / "all.jsonl")
+    merged = run_eval(folder, tmp_path / "merged.jsonl", "--gpus", "0,1")
+    assert [(a["question_id"], a["text"]) for a in merged] == [(a["question_id"], a["text"]) for a in whole]
+    assert sorted(path.name for path in (tmp_path / "merged.chunks").iterdir()) == ["2_0.jsonl", "2_1.jsonl"]

@@ -57,7 +57,7 @@ class DenseConnectorLMM(lmms):
         batch_size: int | str = 1,
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
-        max_batch_size: int | None = None,
+        max_batch_size: int | None = None,  # lmms-eval passes it with --max_batch_size; batches are fixed here
         **unknown,
     ) -> None:
         super().__init__()
@@ -71,8 +71,9 @@ class DenseConnectorLMM(lmms):
             device, device_map = str(self.accelerator.device), None
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         device = resolve_device(device or "auto")
+        remote_code = trust_remote_code in (True, "True", "true")  # model_args may arrive as text
         model, processor = load_pretrained(
-            pretrained, device, dtype, device_map or None, attn_implementation, str(trust_remote_code) == "True"
+            pretrained, device, dtype, device_map or None, attn_implementation, remote_code
         )
         self.answerer = Answerer(model, processor)
         self.batch_size_per_device = int(batch_size)
