@@ -91,11 +91,36 @@ def stock_task_file(benchmark: Benchmark) -> Path:
     return Path(str(resources.files("lmms_eval") / "tasks" / benchmark.yaml))
 
 
+GQA_IMAGES = """\
+\"\"\"GQA's images from a local copy of its dataset (written by `dense-connector eval`).\"\"\"
+
+from dense_connector.evaluation.benchmarks import with_gqa_images
+
+
+def process_docs(dataset):
+    return with_gqa_images(dataset, {folder})
+"""
+
+
+def with_gqa_images(dataset, folder: str):
+    """GQA questions with an `image` column, looked up by `imageId` in the local copy's image configuration."""
+    import datasets
+
+    images = datasets.load_dataset(folder, "testdev_balanced_images", split="testdev")
+    by_id = dict(zip(images["id"], images["image"]))
+    missing = sorted(set(dataset["imageId"]) - set(by_id))
+    if missing:
+        raise ValueError(f"{folder} lacks the images {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return dataset.map(lambda doc: {"image": by_id[doc["imageId"]].convert("RGB")})
+
+
 def write_task_files(names: list[str], data_dir: Path | None, folder: Path) -> list[str]:
     """Task files pointing lmms-eval at local dataset folders; returns the task names to run, in order.
 
     A benchmark with `data_dir/<task>` gets `folder/<task>_local.yaml`, the stock task with `dataset_path` replaced
-    (and no Hub token asked for). The demo `shapes` task always reads `data_dir/shapes`.
+    (and no Hub token asked for). GQA's stock task also fetches its images from a second Hub dataset: its local task
+    reads them from the `testdev_balanced_images` configuration of the same local copy instead. The demo task
+    `dc_shapes` always reads `data_dir/dc_shapes`.
     """
     folder.mkdir(parents=True, exist_ok=True)
     tasks = []
@@ -115,9 +140,11 @@ def write_task_files(names: list[str], data_dir: Path | None, folder: Path) -> l
                 "dataset_path": str(local.resolve()),
                 "dataset_kwargs": {},
             }
-            (folder / f"{task}.yaml").write_text(
-                "".join(f"{key}: {json.dumps(value)}\n" for key, value in override.items())
-            )
+            lines = [f"{key}: {json.dumps(value)}\n" for key, value in override.items()]
+            if name == "gqa":
+                (folder / f"{task}_images.py").write_text(GQA_IMAGES.format(folder=json.dumps(str(local.resolve()))))
+                lines.append(f"process_docs: !function {task}_images.process_docs\n")
+            (folder / f"{task}.yaml").write_text("".join(lines))
             tasks.append(task)
         else:
             tasks.append(benchmark.task)
@@ -242,7 +269,9 @@ def run_benchmarks(
         and all(task.endswith("_local") or name == "shapes" for name, task in zip(names, tasks))
     ):
         env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # everything is local: never ask the Hub
-    subprocess.run(command, env=env, check=True)
+    code = subprocess.run(command, env=env).returncode
+    if code != 0:
+        raise RuntimeError(f"lmms-eval stopped with exit code {code}; its messages above say why")
     scores = scores_from_results(latest_results(output / "lmms-eval"), names, tasks)
     model_name = Path(model.rstrip("/")).name
     release = identify_release(model, release)

@@ -120,10 +120,45 @@ def write_demo_data(folder: str | Path, num_images: int = 16, seed: int = HELDOU
         table = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
         (folder / name / "data").mkdir(parents=True, exist_ok=True)
         table.to_parquet(str(folder / name / "data" / "test-00000-of-00001.parquet"))
+    write_gqa(folder / "gqa", examples)
     from .benchmarks import write_task_files
 
-    write_task_files(["shapes", "pope"], folder, folder / "tasks")
-    return [folder / "llava", folder / TASK, folder / "pope", folder / "tasks"]
+    write_task_files(["shapes", "pope", "gqa"], folder, folder / "tasks")
+    return [folder / "llava", folder / TASK, folder / "pope", folder / "gqa", folder / "tasks"]
+
+
+GQA_CARD = """\
+---
+configs:
+- config_name: testdev_balanced_instructions
+  data_files:
+  - split: testdev
+    path: testdev_balanced_instructions/*.parquet
+- config_name: testdev_balanced_images
+  data_files:
+  - split: testdev
+    path: testdev_balanced_images/*.parquet
+---
+Stand-in for lmms-eval's GQA dataset, made from dense_connector.demo_data.
+"""
+
+
+def write_gqa(folder: Path, examples: list) -> None:
+    """The shapes questions in the layout of lmms-eval's GQA dataset: questions and images in two configurations."""
+    import datasets
+
+    questions = [
+        {"id": str(index), "imageId": f"n{index:04d}", "question": e.questions[0], "answer": e.answers[0]}
+        for index, e in enumerate(examples)
+    ]
+    images = [{"id": f"n{index:04d}", "image": e.image} for index, e in enumerate(examples)]
+    for config, rows in (("testdev_balanced_instructions", questions), ("testdev_balanced_images", images)):
+        (folder / config).mkdir(parents=True, exist_ok=True)
+        table = datasets.Dataset.from_list(rows)
+        if "image" in rows[0]:
+            table = table.cast_column("image", datasets.Image())
+        table.to_parquet(str(folder / config / "testdev-00000-of-00001.parquet"))
+    (folder / "README.md").write_text(GQA_CARD)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:

@@ -2,13 +2,14 @@
 
 Runs in lmms-eval's own environment (`make test-eval`: .venv-eval with the eval extra), never in `make test`.
 Every answer lmms-eval records must equal transformers' own `generate` run one question at a time, at batch sizes 1
-and 8, and the scores must be what those answers earn; the stock POPE task file runs against a local stand-in; and
-the README's Evaluation commands run as written.
+and 8, and the scores must be what those answers earn; the stock POPE and GQA task files run against local stand-ins;
+and the README's Evaluation commands run as written.
 """
 
 import json
 import os
 import re
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,8 @@ from dense_connector.integrations.lmms_eval import DenseConnectorLMM
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT = REPO / "dense_connector" / "demo" / "checkpoint"
-POPE_INSTRUCTION = "\nAnswer the question using a single word or phrase."  # the stock POPE task's post_prompt
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # the stock POPE and GQA tasks' post_prompt
+LOCAL_TASKS = (TASK, "pope_local", "gqa_local")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
@@ -53,12 +55,12 @@ def lm():
     return DenseConnectorLMM(pretrained=str(CHECKPOINT), batch_size=1)
 
 
-def reference(dataset_folder: Path, suffix: str, max_new_tokens: int) -> list[str]:
+def reference(docs, suffix: str, max_new_tokens: int) -> list[str]:
     """transformers' own generate, one question at a time, greedy, image first, cut at lmms-eval's default `until`."""
     processor = AutoProcessor.from_pretrained(CHECKPOINT)
     model = AutoModelForImageTextToText.from_pretrained(CHECKPOINT).eval()
     answers = []
-    for doc in datasets.load_dataset(str(dataset_folder), split="test"):
+    for doc in docs:
         text = doc["question"] + suffix
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -72,15 +74,28 @@ def reference(dataset_folder: Path, suffix: str, max_new_tokens: int) -> list[st
 
 @pytest.fixture(scope="module")
 def expected(data) -> dict[str, list[str]]:
+    gqa = datasets.load_dataset(str(data / "gqa"), "testdev_balanced_instructions", split="testdev")
+    images = datasets.load_dataset(str(data / "gqa"), "testdev_balanced_images", split="testdev")
+    images = dict(zip(images["id"], images["image"]))
     return {
-        TASK: reference(data / TASK, "", max_new_tokens=8),
-        "pope_local": reference(data / "pope", POPE_INSTRUCTION, max_new_tokens=128),
+        TASK: reference(load(data / TASK), "", max_new_tokens=8),
+        "pope_local": reference(load(data / "pope"), SHORT_ANSWER, max_new_tokens=128),
+        "gqa_local": reference([{**doc, "image": images[doc["imageId"]]} for doc in gqa], SHORT_ANSWER, 16),
     }
+
+
+def plain(text: str) -> str:
+    """GQA's exact match ignores case and punctuation."""
+    return text.lower().translate(str.maketrans("", "", string.punctuation))
+
+
+def load(folder: Path):
+    return datasets.load_dataset(str(folder), split="test")
 
 
 def evaluate(lm, data: Path) -> dict:
     manager = TaskManager(include_path=str(data / "tasks"), include_defaults=False)
-    return simple_evaluate(model=lm, tasks=[TASK, "pope_local"], task_manager=manager, log_samples=True)
+    return simple_evaluate(model=lm, tasks=list(LOCAL_TASKS), task_manager=manager, log_samples=True)
 
 
 def responses(output: dict, task: str) -> list[str]:
@@ -97,19 +112,23 @@ def test_unknown_model_args_are_refused():
 
 
 def test_answers_and_scores_equal_generate_one_by_one_at_batch_sizes_1_and_8(lm, data, expected):
-    shapes_expected, pope_expected = expected[TASK], expected["pope_local"]
-    gold = datasets.load_dataset(str(data / TASK), split="test")["answer"]
+    gold = load(data / TASK)["answer"]
+    pope_gold = load(data / "pope")["answer"]
     for batch_size in (1, 8):
         lm.batch_size_per_device = batch_size
         output = evaluate(lm, data)
-        assert responses(output, TASK) == shapes_expected, f"batch size {batch_size}"
-        assert responses(output, "pope_local") == pope_expected, f"batch size {batch_size}"
+        for task in LOCAL_TASKS:
+            assert responses(output, task) == expected[task], f"{task}, batch size {batch_size}"
         score = output["results"][TASK]["exact_match,none"]
-        assert score == pytest.approx(sum(a == g for a, g in zip(shapes_expected, gold)) / len(gold))
+        assert score == pytest.approx(sum(a == g for a, g in zip(expected[TASK], gold)) / len(gold))
         assert score >= 0.75  # the demo model answers most of its own questions
-        pope_gold = datasets.load_dataset(str(data / "pope"), split="test")["answer"]
-        pope_accuracy = sum(a.lower() == g for a, g in zip(pope_expected, pope_gold)) / len(pope_gold)
+        pope_accuracy = sum(a.lower() == g for a, g in zip(expected["pope_local"], pope_gold)) / len(pope_gold)
         assert output["results"]["pope_local"]["pope_accuracy,none"] == pytest.approx(pope_accuracy)
+        gqa_hits = [
+            plain(a) == plain(g) for a, g in zip(expected["gqa_local"], gold)
+        ]  # the same questions as dc_shapes
+        gqa_accuracy = sum(gqa_hits) / len(gold)
+        assert output["results"]["gqa_local"]["exact_match,none"] == pytest.approx(gqa_accuracy)
 
 
 def readme_evaluation_commands() -> list[str]:
@@ -130,8 +149,8 @@ def test_readme_commands_run_offline_as_written(tmp_path):
         )
         assert run.returncode == 0, f"{command}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     table = (tmp_path / "eval-results" / "scores.md").read_text().splitlines()
-    assert table[0] == "| model | Shapes (demo) | POPE |"
-    assert re.fullmatch(r"\| checkpoint \(this run\) \| [\d.]+ \| [\d.]+ \|", table[2])
+    assert table[0] == "| model | Shapes (demo) | POPE | GQA |"
+    assert re.fullmatch(r"\| checkpoint \(this run\)( \| [\d.]+){3} \|", table[2])
     assert (tmp_path / "eval-results" / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     answers = (tmp_path / "eval-data" / "llava" / "answers-demo.jsonl").read_text().splitlines()
     assert len(answers) == len((tmp_path / "eval-data" / "llava" / "questions.jsonl").read_text().splitlines())
@@ -141,14 +160,14 @@ def test_data_parallel_processes_split_the_questions_and_give_the_same_answers(d
     """Two CPU processes under torchrun (as `accelerate launch` runs one per GPU): each answers half."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lmms_eval"]
     command += ["--model", "dense_connector", "--model_args", f"pretrained={CHECKPOINT}", "--batch_size", "4"]
-    command += ["--tasks", f"{TASK},pope_local", "--include_path", str(data / "tasks"), "--log_samples"]
+    command += ["--tasks", ",".join(LOCAL_TASKS), "--include_path", str(data / "tasks"), "--log_samples"]
     command += ["--output_path", str(tmp_path)]
     run = subprocess.run(
         command, env={**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Running on rank 1" in run.stdout + run.stderr
-    for task in (TASK, "pope_local"):
+    for task in LOCAL_TASKS:
         (samples,) = tmp_path.rglob(f"*_samples_{task}.jsonl")
         records = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda r: r["doc_id"])
         assert [r["filtered_resps"] for r in records] == expected[task]
