@@ -15,6 +15,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from dense_connector.cli import main
 from dense_connector.evaluation.benchmarks import (
     REPORTED,
+    cache_dir_for,
     identify_release,
     markdown_table,
     parse_benchmarks,
@@ -161,3 +162,18 @@ def test_gpus_run_one_process_per_chunk_and_merge_in_order(demo_files, tmp_path)
     merged = run_eval(folder, tmp_path / "merged.jsonl", "--gpus", "0,1")
     assert [(a["question_id"], a["text"]) for a in merged] == [(a["question_id"], a["text"]) for a in whole]
     assert sorted(path.name for path in (tmp_path / "merged.chunks").iterdir()) == ["2_0.jsonl", "2_1.jsonl"]
+
+
+def test_each_copy_of_a_dataset_gets_its_own_cache(tmp_path):
+    """`datasets` keys a local folder's cache by the folder's name: a stand-in `gqa` and the real one must not meet."""
+    first, second = tmp_path / "a" / "gqa", tmp_path / "b" / "gqa"
+    for folder, rows in ((first, "1\n"), (second, "1\n2\n")):
+        (folder / "testdev_balanced_instructions").mkdir(parents=True)
+        (folder / "testdev_balanced_instructions" / "testdev.csv").write_text(rows)
+    tasks = tmp_path / "out" / "tasks"
+    assert cache_dir_for(first, tasks) != cache_dir_for(second, tasks)
+    assert cache_dir_for(first, tasks) == cache_dir_for(first, tasks)
+    before = cache_dir_for(second, tasks)
+    (second / "testdev_balanced_instructions" / "testdev.csv").write_text("1\n2\n3\n")
+    assert cache_dir_for(second, tasks) != before  # rewritten in place: a new cache
+    assert cache_dir_for(first, tasks).parent == tmp_path / "out" / "datasets-cache"

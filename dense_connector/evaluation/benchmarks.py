@@ -7,6 +7,7 @@ model zoo, with their reported numbers beside ours when the checkpoint is one of
 saved copy of the Hub dataset) runs from there, offline; the others use lmms-eval's Hub datasets.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -98,15 +99,15 @@ from dense_connector.evaluation.benchmarks import with_gqa_images
 
 
 def process_docs(dataset):
-    return with_gqa_images(dataset, {folder})
+    return with_gqa_images(dataset, {folder}, {cache})
 """
 
 
-def with_gqa_images(dataset, folder: str):
+def with_gqa_images(dataset, folder: str, cache_dir: str):
     """GQA questions with an `image` column, looked up by `imageId` in the local copy's image configuration."""
     import datasets
 
-    images = datasets.load_dataset(folder, "testdev_balanced_images", split="testdev")
+    images = datasets.load_dataset(folder, "testdev_balanced_images", split="testdev", cache_dir=cache_dir)
     by_id = dict(zip(images["id"], images["image"]))
     missing = sorted(set(dataset["imageId"]) - set(by_id))
     if missing:
@@ -114,13 +115,26 @@ def with_gqa_images(dataset, folder: str):
     return dataset.map(lambda doc: {"image": by_id[doc["imageId"]].convert("RGB")})
 
 
+def cache_dir_for(local: Path, folder: Path) -> Path:
+    """A `datasets` cache just for this copy of a dataset, as it is now.
+
+    `datasets` names the cache of a local folder after the folder's name and its configuration, not its contents, so
+    two copies called `gqa` (a stand-in and the real one) would otherwise share one cached table.
+    """
+    files = sorted(path for path in local.rglob("*") if path.is_file())
+    stamp = [str(local.resolve())] + [
+        f"{path.relative_to(local)}:{path.stat().st_size}:{path.stat().st_mtime_ns}" for path in files
+    ]
+    return folder.parent / "datasets-cache" / hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
+
+
 def write_task_files(names: list[str], data_dir: Path | None, folder: Path) -> list[str]:
     """Task files pointing lmms-eval at local dataset folders; returns the task names to run, in order.
 
     A benchmark with `data_dir/<task>` gets `folder/<task>_local.yaml`, the stock task with `dataset_path` replaced
-    (and no Hub token asked for). GQA's stock task also fetches its images from a second Hub dataset: its local task
-    reads them from the `testdev_balanced_images` configuration of the same local copy instead. The demo task
-    `dc_shapes` always reads `data_dir/dc_shapes`.
+    (no Hub token asked for; a cache of its own, see `cache_dir_for`). GQA's stock task also fetches its images from
+    a second Hub dataset: its local task reads them from the `testdev_balanced_images` configuration of the same local
+    copy instead. The demo task `dc_shapes` always reads `data_dir/dc_shapes`.
     """
     folder.mkdir(parents=True, exist_ok=True)
     tasks = []
@@ -130,7 +144,8 @@ def write_task_files(names: list[str], data_dir: Path | None, folder: Path) -> l
         if name == "shapes":
             if local is None or not local.is_dir():
                 raise ValueError("the shapes benchmark needs --data-dir with the demo data (see --write-demo-data)")
-            (folder / f"{benchmark.task}.yaml").write_text(demo_tasks.task_yaml(local.resolve()))
+            cache = cache_dir_for(local, folder).resolve()
+            (folder / f"{benchmark.task}.yaml").write_text(demo_tasks.task_yaml(local.resolve(), cache))
             tasks.append(benchmark.task)
         elif local is not None and local.is_dir():
             task = f"{benchmark.task}_local"
@@ -138,11 +153,15 @@ def write_task_files(names: list[str], data_dir: Path | None, folder: Path) -> l
                 "include": str(stock_task_file(benchmark)),
                 "task": task,
                 "dataset_path": str(local.resolve()),
-                "dataset_kwargs": {},
+                "dataset_kwargs": {"cache_dir": str(cache_dir_for(local, folder).resolve())},
             }
             lines = [f"{key}: {json.dumps(value)}\n" for key, value in override.items()]
             if name == "gqa":
-                (folder / f"{task}_images.py").write_text(GQA_IMAGES.format(folder=json.dumps(str(local.resolve()))))
+                code = GQA_IMAGES.format(
+                    folder=json.dumps(str(local.resolve())),
+                    cache=json.dumps(str(cache_dir_for(local, folder).resolve())),
+                )
+                (folder / f"{task}_images.py").write_text(code)
                 lines.append(f"process_docs: !function {task}_images.process_docs\n")
             (folder / f"{task}.yaml").write_text("".join(lines))
             tasks.append(task)

@@ -23,6 +23,8 @@ TASK = "dc_shapes"
 TASK_YAML = """\
 task: {task}
 dataset_path: {dataset_path}
+dataset_kwargs:
+  cache_dir: {cache_dir}
 test_split: test
 output_type: generate_until
 doc_to_visual: !function dense_connector.evaluation.demo_tasks.doc_to_visual
@@ -52,9 +54,11 @@ def process_results(doc: dict, results: list[str]) -> dict:
     return {"exact_match": float(results[0].strip().lower() == doc["answer"])}
 
 
-def task_yaml(dataset_path: Path) -> str:
-    """The `dc_shapes` task file, reading the dataset folder `dataset_path`."""
-    return TASK_YAML.format(task=TASK, dataset_path=json.dumps(str(dataset_path)))
+def task_yaml(dataset_path: Path, cache_dir: Path) -> str:
+    """The `dc_shapes` task file, reading the dataset folder `dataset_path` (cached in `cache_dir`)."""
+    return TASK_YAML.format(
+        task=TASK, dataset_path=json.dumps(str(dataset_path)), cache_dir=json.dumps(str(cache_dir))
+    )
 
 
 def pope_rows(num_images: int, seed: int) -> list[dict]:

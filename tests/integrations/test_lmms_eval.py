@@ -34,13 +34,14 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def offline():
-    """Nothing here may reach the Hub: fail instead of downloading."""
-    saved = {key: os.environ.get(key) for key in OFFLINE}
-    os.environ.update(OFFLINE)
-    yield
-    for key, value in saved.items():
-        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+def offline(tmp_path_factory):
+    """Nothing here may reach the Hub (fail instead of downloading), and no dataset comes from an older run's cache
+    (`datasets` can hand back a cached table for a regenerated local folder)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in OFFLINE.items():
+            patch.setenv(key, value)
+        patch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets-cache")))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,8 @@ def reference(docs, suffix: str, max_new_tokens: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def expected(data) -> dict[str, list[str]]:
-    gqa = datasets.load_dataset(str(data / "gqa"), "testdev_balanced_instructions", split="testdev")
-    images = datasets.load_dataset(str(data / "gqa"), "testdev_balanced_images", split="testdev")
+    gqa = load(data / "gqa", "testdev_balanced_instructions", "testdev")
+    images = load(data / "gqa", "testdev_balanced_images", "testdev")
     images = dict(zip(images["id"], images["image"]))
     return {
         TASK: reference(load(data / TASK), "", max_new_tokens=8),
@@ -89,8 +90,8 @@ def plain(text: str) -> str:
     return text.lower().translate(str.maketrans("", "", string.punctuation))
 
 
-def load(folder: Path):
-    return datasets.load_dataset(str(folder), split="test")
+def load(folder: Path, config: str | None = None, split: str = "test"):
+    return datasets.load_dataset(str(folder), config, split=split, cache_dir=os.environ["HF_DATASETS_CACHE"])
 
 
 def evaluate(lm, data: Path) -> dict:
