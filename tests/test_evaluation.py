@@ -5,6 +5,7 @@ lmms-eval path runs in its own environment (`make test-eval`, tests/integrations
 """
 
 import json
+import sys
 
 import pytest
 import torch
@@ -177,3 +178,14 @@ def test_each_copy_of_a_dataset_gets_its_own_cache(tmp_path):
     (second / "testdev_balanced_instructions" / "testdev.csv").write_text("1\n2\n3\n")
     assert cache_dir_for(second, tasks) != before  # rewritten in place: a new cache
     assert cache_dir_for(first, tasks).parent == tmp_path / "out" / "datasets-cache"
+
+
+def test_benchmarks_without_lmms_eval_say_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lmms_eval", None)  # as in an environment without the eval extra
+    assert main(["eval", "--model", str(CHECKPOINT), "--benchmarks", "pope"]) == 1
+    assert 'pip install -e ".[eval]"' in capsys.readouterr().err
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path), "--question-file", "q.jsonl", "--answers-file", "a.jsonl"]) == 1
+    assert "has no config.json" in capsys.readouterr().err

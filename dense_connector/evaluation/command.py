@@ -56,6 +56,9 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
         return 0
     if not args.model:
         raise usage_error("give --model (a converted checkpoint folder or Hub id)")
+    from dense_connector.cli import check_checkpoint
+
+    check_checkpoint(args.model)  # a clear message for a folder that is not a converted checkpoint
     gpus = [gpu.strip() for gpu in args.gpus.split(",")] if args.gpus else []
     if args.question_file:
         return answer_questions(args, gpus, usage_error)
