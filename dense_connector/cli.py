@@ -4,6 +4,7 @@
     dense-connector chat --model DIR_OR_HUB_ID --image PATH_OR_URL --interactive
     dense-connector convert ...            (see `dense-connector convert --help`)
     dense-connector demo ["question"]      (the bundled demo checkpoint and sample image)
+    dense-connector eval --model DIR ...   (benchmarks through lmms-eval, or LLaVA question files; see `eval --help`)
 
 Problems with the input (a missing file, something that is not an image, a folder that is not a Dense Connector
 checkpoint, a Hub id that cannot be reached) are reported as one line on stderr with a non-zero exit code; `--debug`
@@ -24,6 +25,8 @@ from huggingface_hub import hf_hub_download
 from PIL import Image, UnidentifiedImageError
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
 from transformers.image_utils import load_image as fetch_image
+
+from dense_connector.evaluation import command as evaluation_command
 
 
 PROG = "dense-connector"
@@ -212,7 +215,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Dense Connector vision-language models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{chat,convert,demo}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{chat,convert,demo,eval}")
 
     chat_parser = commands.add_parser("chat", help="answer a question about one or more images")
     chat_parser.add_argument("--model", required=True, help="converted checkpoint: a local folder or a Hub id")
@@ -230,7 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--image", action="append", help="use this image instead of the bundled one")
     demo_parser.add_argument("question", nargs="?", help=f"the question (default {DEMO_QUESTION!r})")
     add_generation_options(demo_parser)
+
+    eval_parser = commands.add_parser(
+        "eval",
+        help="the paper's benchmarks through lmms-eval, or LLaVA question files to answer files",
+        description=evaluation_command.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluation_command.add_arguments(eval_parser)
+    eval_parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return parser
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    return evaluation_command.run(args, UsageError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         if "convert" in argv[:2] and argv[: argv.index("convert")] in ([], ["--debug"]):
             return convert(argv[argv.index("convert") + 1 :])
         args = build_parser().parse_args(argv)
-        return {"chat": chat, "demo": demo}[args.command](args)
+        return {"chat": chat, "demo": demo, "eval": evaluate}[args.command](args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

@@ -1,0 +1,169 @@
+"""Synthetic evaluation data from `dense_connector.demo_data`, in every format the evaluation commands read.
+
+`write_demo_data(folder)` writes, from the held-out shapes questions:
+
+- `llava/questions.jsonl`, `llava/images/*.png` and `llava/expected.jsonl` (the right answers): the authors'
+  LLaVA format, for `dense-connector eval --question-file`;
+- `dc_shapes/`: a local dataset (`datasets` parquet folder) for this package's lmms-eval task `dc_shapes`
+  (exact match, the functions below);
+- `pope/`: a stand-in for lmms-eval's POPE dataset (same columns: yes/no questions about which colours and shapes
+  the image holds), so that the stock POPE task file runs offline.
+
+The demo checkpoint was trained on the plain questions, so the files carry no benchmark instruction.
+"""
+
+import json
+import random
+from pathlib import Path
+
+from ..demo_data import COLORS, HELDOUT_SEED, POSITIONS, draw_scene, make_examples, random_scene
+
+
+TASK = "dc_shapes"
+TASK_YAML = """\
+task: {task}
+dataset_path: {dataset_path}
+dataset_kwargs:
+  cache_dir: {cache_dir}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function dense_connector.evaluation.demo_tasks.doc_to_visual
+doc_to_text: !function dense_connector.evaluation.demo_tasks.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 8
+  temperature: 0
+  do_sample: false
+process_results: !function dense_connector.evaluation.demo_tasks.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def doc_to_visual(doc: dict) -> list:
+    return [doc["image"].convert("RGB")]
+
+
+def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
+    return doc["question"]
+
+
+def process_results(doc: dict, results: list[str]) -> dict:
+    return {"exact_match": float(results[0].strip().lower() == doc["answer"])}
+
+
+def task_yaml(dataset_path: Path, cache_dir: Path) -> str:
+    """The `dc_shapes` task file, reading the dataset folder `dataset_path` (cached in `cache_dir`)."""
+    return TASK_YAML.format(
+        task=TASK, dataset_path=json.dumps(str(dataset_path)), cache_dir=json.dumps(str(cache_dir))
+    )
+
+
+def pope_rows(num_images: int, seed: int) -> list[dict]:
+    """POPE-shaped records: per scene, "Is there a <kind> ...?" (yes) and "Is there a <colour> shape ...?" (no)."""
+    rng = random.Random(seed)
+    rows = []
+    for index in range(num_images):
+        scene = random_scene(rng, rng.randint(1, len(POSITIONS)))
+        image = draw_scene(scene)
+        present = rng.choice(scene).kind
+        absent = rng.choice(sorted(set(COLORS) - {shape.color for shape in scene}))
+        questions = (
+            (f"Is there a {present} in the image?", "yes"),
+            (f"Is there a {absent} shape in the image?", "no"),
+        )
+        for offset, (question, answer) in enumerate(questions):
+            rows.append(
+                {
+                    "id": str(len(rows)),
+                    "question_id": f"{index}-{offset}",
+                    "question": question,
+                    "answer": answer,
+                    "image_source": f"scene-{index}",
+                    "image": image,
+                    "category": "random",
+                }
+            )
+    return rows
+
+
+def write_llava_files(folder: Path, num_images: int, seed: int) -> list:
+    """`folder/questions.jsonl`, `folder/expected.jsonl` (right answers) and `folder/images/`; returns the examples."""
+    examples = make_examples(num_images, seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    questions, answers = [], []
+    for index, example in enumerate(examples):
+        file = f"{index:04d}.png"
+        example.image.save(folder / "images" / file)
+        kind = example.question_types[0]
+        questions.append({"question_id": index, "image": file, "text": example.questions[0], "category": kind})
+        answers.append({"question_id": index, "answer": example.answers[0]})
+    write_jsonl(folder / "questions.jsonl", questions)
+    write_jsonl(folder / "expected.jsonl", answers)
+    return examples
+
+
+def write_demo_data(folder: str | Path, num_images: int = 16, seed: int = HELDOUT_SEED) -> list[Path]:
+    """Write the demo questions (one per image, the four question types in turn); returns the folders written.
+
+    The lmms-eval datasets need the `datasets` library (the eval extra); without it only the LLaVA files are written.
+    """
+    folder = Path(folder)
+    examples = write_llava_files(folder / "llava", num_images, seed)
+    try:
+        import datasets
+    except ImportError:
+        return [folder / "llava"]
+    shapes = [
+        {"question_id": index, "question": e.questions[0], "answer": e.answers[0], "image": e.image}
+        for index, e in enumerate(examples)
+    ]
+    for name, rows in ((TASK, shapes), ("pope", pope_rows(num_images, seed))):
+        table = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
+        (folder / name / "data").mkdir(parents=True, exist_ok=True)
+        table.to_parquet(str(folder / name / "data" / "test-00000-of-00001.parquet"))
+    write_gqa(folder / "gqa", examples)
+    from .benchmarks import write_task_files
+
+    write_task_files(["shapes", "pope", "gqa"], folder, folder / "tasks")
+    return [folder / "llava", folder / TASK, folder / "pope", folder / "gqa", folder / "tasks"]
+
+
+GQA_CARD = """\
+---
+configs:
+- config_name: testdev_balanced_instructions
+  data_files:
+  - split: testdev
+    path: testdev_balanced_instructions/*.parquet
+- config_name: testdev_balanced_images
+  data_files:
+  - split: testdev
+    path: testdev_balanced_images/*.parquet
+---
+Stand-in for lmms-eval's GQA dataset, made from dense_connector.demo_data.
+"""
+
+
+def write_gqa(folder: Path, examples: list) -> None:
+    """The shapes questions in the layout of lmms-eval's GQA dataset: questions and images in two configurations."""
+    import datasets
+
+    questions = [
+        {"id": str(index), "imageId": f"n{index:04d}", "question": e.questions[0], "answer": e.answers[0]}
+        for index, e in enumerate(examples)
+    ]
+    images = [{"id": f"n{index:04d}", "image": e.image} for index, e in enumerate(examples)]
+    for config, rows in (("testdev_balanced_instructions", questions), ("testdev_balanced_images", images)):
+        (folder / config).mkdir(parents=True, exist_ok=True)
+        table = datasets.Dataset.from_list(rows)
+        if "image" in rows[0]:
+            table = table.cast_column("image", datasets.Image())
+        table.to_parquet(str(folder / config / "testdev-00000-of-00001.parquet"))
+    (folder / "README.md").write_text(GQA_CARD)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
