@@ -10,6 +10,13 @@ from transformers.video_utils import is_batched_video, is_valid_video
 from .configuration_dense_connector import num_anyres_tokens, num_tile_tokens, num_video_tokens
 
 
+def none_if_empty(items):
+    """`None` for an empty list or a list of empty lists (one per sample): how text-only callers say "no images"."""
+    if isinstance(items, (list, tuple)) and all(isinstance(item, (list, tuple)) and not item for item in items):
+        return None
+    return items
+
+
 class DenseConnectorProcessor(ProcessorMixin):
     r"""
     Turns prompts and images into model inputs. Each `<image>` in the text becomes exactly as many image placeholder
@@ -160,8 +167,10 @@ class DenseConnectorProcessor(ProcessorMixin):
         `return_tensors`, `add_special_tokens`); truncation never cuts through an image's or video's placeholders.
         `videos` is one video or a list of videos, each a list of PIL images or a `(frames, height, width, channels)`
         array or tensor; `num_frames=` samples that many frames uniformly from each (default `num_video_frames`).
-        Videos become `pixel_values_videos` of shape `(num_videos, frames, channels, height, width)`.
+        Videos become `pixel_values_videos` of shape `(num_videos, frames, channels, height, width)`. Empty lists of
+        images or videos mean none.
         """
+        images, videos = none_if_empty(images), none_if_empty(videos)
         if images is None and text is None and videos is None:
             raise ValueError("DenseConnectorProcessor needs at least one of `text`, `images`, `videos`.")
         if isinstance(text, str):
