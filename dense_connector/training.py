@@ -270,7 +270,8 @@ def prepare_for_training(
       frozen in this regime, since `peft` saves whole modules only.
 
     `freeze_vision_tower=False` trains the tower too (saved with the adapter under LoRA). Activation checkpointing
-    (`model.activation_checkpointing_enable()`, `--activation_checkpointing` in the Trainer) works in every regime,
+    (`model.activation_checkpointing_enable()`, `--activation_checkpointing` in the Trainer; `gradient_checkpointing`
+    before transformers 5.20) works in every regime,
     reentrant or not: transformers checkpoints the layers' `forward`, so the hooks through which the connector reads
     the tower's hidden states see the checkpointed outputs, and it makes the input embeddings require grad for frozen
     language models.

@@ -222,6 +222,14 @@ def trained_names(model):
     return {name for name, param in model.named_parameters() if param.requires_grad}
 
 
+def enable_checkpointing(model, kwargs: dict) -> None:
+    """Activation checkpointing under its name since transformers 5.20, or the older one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 @pytest.mark.parametrize("tune", ["projector", "projector+lm", "lora"])
 @pytest.mark.parametrize("freeze_vision_tower", [True, False])
 def test_regimes_train_the_right_parameters_with_and_without_checkpointing(processor, tune, freeze_vision_tower):
@@ -237,7 +245,7 @@ def test_regimes_train_the_right_parameters_with_and_without_checkpointing(proce
                 if "lora_B" in name:
                     param.data.normal_(std=0.02)
         if checkpointing is not None:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+            enable_checkpointing(model, checkpointing)
         model(**batch).loss.backward()
         return {name: param.grad for name, param in model.named_parameters()}
 

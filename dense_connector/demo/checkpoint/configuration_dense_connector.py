@@ -140,7 +140,7 @@ class DenseConnectorConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
-        # Built here rather than through 5.23's `SubConfigSpec`, which older transformers lack.
+        # Built here rather than through `SubConfigSpec`, which transformers before 5.20 lack.
         self.vision_config = build_sub_config(self.vision_config, DEFAULT_VISION_CONFIG)
         self.text_config = build_sub_config(self.text_config, {"model_type": "llama"})
         super().__post_init__(**kwargs)

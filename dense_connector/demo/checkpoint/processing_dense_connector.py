@@ -177,7 +177,9 @@ class DenseConnectorProcessor(ProcessorMixin):
             text = [text]
         if text is not None and not all(isinstance(t, str) for t in text):
             raise ValueError("`text` must be a string or a list of strings.")
-        merged = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        merged = self._merge_kwargs(
+            self.valid_processor_kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
         text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None) or kwargs.get("return_tensors")
 
