@@ -150,6 +150,13 @@ def test_save_load_round_trip(tmp_path):
     )
 
 
+def test_unknown_image_backend_is_refused(tmp_path):
+    tiny_processor(tiny_config()).save_pretrained(tmp_path)
+    assert isinstance(AutoProcessor.from_pretrained(tmp_path).image_processor, LlavaImageProcessorPil)
+    with pytest.raises(ValueError, match=r"backend='cv2' is not an image-processing backend; use one of"):
+        AutoProcessor.from_pretrained(tmp_path, backend="cv2")
+
+
 def test_tokenizer_without_image_token_is_rejected():
     config = tiny_config()
     tokenizer = tiny_processor(config).tokenizer.__class__.from_pretrained(FIXTURES / "clip_dci" / "original")
