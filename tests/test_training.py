@@ -314,6 +314,9 @@ def test_finetune_script_trains_and_saves(processor, tmp_path):
 
     finetune = load_finetune_script()
     save_tiny_checkpoint(tmp_path / "base", processor)
+    tokenizer_config = tmp_path / "base" / "tokenizer_config.json"  # a base checkpoint that pads on the right
+    tokenizer_config.write_text(json.dumps({**json.loads(tokenizer_config.read_text()), "padding_side": "right"}))
+    assert AutoProcessor.from_pretrained(tmp_path / "base").tokenizer.padding_side == "right"
     data = write_dataset(tmp_path / "data")
     batch = DenseConnectorDataCollator(processor)(records(8))
     before = tiny_model(CONFIG)
@@ -333,7 +336,9 @@ def test_finetune_script_trains_and_saves(processor, tmp_path):
 
     # the saved checkpoint loads through the Auto classes and gives the same logits
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
-    assert AutoProcessor.from_pretrained(tmp_path / "out").chat_template == processor.chat_template
+    saved = AutoProcessor.from_pretrained(tmp_path / "out")
+    assert saved.chat_template == processor.chat_template
+    assert saved.tokenizer.padding_side == "left"  # for batched generation, whatever the base checkpoint had
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
 
