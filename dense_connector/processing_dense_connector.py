@@ -94,7 +94,7 @@ class DenseConnectorProcessor(ProcessorMixin):
         """Load a saved processor, with transformers' PIL image backend unless `backend="torchvision"`.
 
         The PIL backend's pixels are the original's. Where torchvision is installed, transformers would otherwise pick
-        its torchvision backend, whose resizing differs (by up to 1.5e-2 on CLIP-L/336 inputs).
+        its torchvision backend, whose resizing differs (by up to 1.5e-2 on the reference fixtures).
         """
         if backend not in IMAGE_BACKENDS:
             raise ValueError(f"backend={backend!r} is not an image-processing backend; use one of {IMAGE_BACKENDS}.")
