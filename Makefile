@@ -1,6 +1,9 @@
-# `make test` creates/uses .venv, installs the package with its dev extra, and runs the suite.
+# `make test` creates/uses .venv (transformers 5.23), installs the package with its dev extra, and runs the suite;
+# `make test-min` does the same in .venv-min with the lowest supported transformers.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+VENV_MIN ?= .venv-min
+TRANSFORMERS_MIN := 5.19.0
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -9,11 +12,23 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-.PHONY: setup test lint demo
+$(VENV_MIN)/.installed: pyproject.toml
+	python3 -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_MIN)/bin/python -m pip install --quiet torch==2.13.0
+	$(VENV_MIN)/bin/python -m pip install --quiet -e ".[dev]" transformers==$(TRANSFORMERS_MIN)
+	touch $@
+
+.PHONY: setup setup-min test test-min lint demo
 setup: $(VENV)/.installed
+
+setup-min: $(VENV_MIN)/.installed
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile -q tests --ignore=tests/integrations
+
+test-min: setup-min
+	OMP_NUM_THREADS=1 $(VENV_MIN)/bin/python -m pytest -n 2 --dist loadfile -q tests --ignore=tests/integrations
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -37,5 +52,4 @@ $(VENV_EVAL)/.installed: pyproject.toml
 setup-eval: $(VENV_EVAL)/.installed
 
 test-eval: setup-eval
-	OMP_NUM_THREADS=1 $(PY_EVAL) -m pytest -q tests/integrations/test_lmms_eval.py \
-		$(wildcard tests/integrations/test_torchvision.py)
+	OMP_NUM_THREADS=1 $(PY_EVAL) -m pytest -q tests/integrations/test_lmms_eval.py tests/integrations/test_torchvision.py

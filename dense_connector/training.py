@@ -158,7 +158,9 @@ class DenseConnectorDataCollator:
     "<image>\\n..."}, {"from": "gpt", "value": "..."}]}`) or chat messages (`{"messages": [{"role": ..., "content":
     ...}], "images": [...]}`); images are paths (relative to `image_folder`) or PIL images. `labels` keep only the
     assistant replies with their end-of-turn token; system prompt, user turns, role markers, image placeholders and
-    padding are `IGNORE_INDEX`. Sequences are padded on the right.
+    padding are `IGNORE_INDEX`. Sequences are padded on the right. The processor's tokenizer is set to pad on the left,
+    for batched generation with what is saved with it (the `Trainer`'s `processing_class`); this collator pads its
+    batches itself.
 
     Truncation to `max_length` never cuts through image placeholders: a record whose placeholders do not all fit is
     dropped with a warning, as is a record left with no assistant token to learn from. A batch whose records are
@@ -171,6 +173,10 @@ class DenseConnectorDataCollator:
     image_folder: str | Path | None = None
     max_length: int | None = None
     pad_to_multiple_of: int | None = None
+
+    def __post_init__(self):
+        tokenizer = self.processor.tokenizer
+        tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # init_kwargs: what is saved
 
     def load_image(self, image: str | Path | Image.Image) -> Image.Image:
         if isinstance(image, Image.Image):
@@ -268,7 +274,8 @@ def prepare_for_training(
       frozen in this regime, since `peft` saves whole modules only.
 
     `freeze_vision_tower=False` trains the tower too (saved with the adapter under LoRA). Activation checkpointing
-    (`model.activation_checkpointing_enable()`, `--activation_checkpointing` in the Trainer) works in every regime,
+    (`model.activation_checkpointing_enable()`, `--activation_checkpointing` in the Trainer; `gradient_checkpointing`
+    before transformers 5.20) works in every regime,
     reentrant or not: transformers checkpoints the layers' `forward`, so the hooks through which the connector reads
     the tower's hidden states see the checkpointed outputs, and it makes the input embeddings require grad for frozen
     language models.

@@ -14,7 +14,7 @@ Several GPUs: `accelerate launch --config_file examples/accelerate/fsdp.yaml exa
 
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, Trainer, TrainingArguments
@@ -105,8 +105,16 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     )
 
 
+def older_spellings(argv: list[str]) -> list[str]:
+    """`--activation_checkpointing*` as `--gradient_checkpointing*`, its name before transformers 5.20."""
+    if "activation_checkpointing" in {f.name for f in fields(TrainingArguments)}:
+        return argv
+    return [arg.replace("--activation_checkpointing", "--gradient_checkpointing", 1) for arg in argv]
+
+
 def main(argv: list[str] | None = None) -> Trainer:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    argv = older_spellings(sys.argv[1:] if argv is None else argv)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     trainer = build_trainer(model_args, data_args, training_args)

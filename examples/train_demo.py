@@ -81,6 +81,7 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         pad_token="<pad>",
         additional_special_tokens=["<image>", "<video>"],
+        padding_side="left",  # for batched generation; the training collator pads its batches itself
     )
 
 

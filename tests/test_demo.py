@@ -69,6 +69,29 @@ def test_sample_image_and_its_answer(demo):
     assert answer(*demo, [sample], ["How many shapes are there?"]) == [example.answers[0]]
 
 
+def test_pads_on_the_left_for_batched_generation(demo):
+    """A generic harness batches without naming a padding side: the checkpoint's own must be left, so that a batch
+    answers as each question alone does."""
+    model, processor = demo
+    assert processor.tokenizer.padding_side == "left"
+    examples = make_examples(6, seed=TEST_SEED)
+    images, questions = [e.image for e in examples], [e.questions[0] for e in examples]
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for question in questions
+    ]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    assert len(set(inputs["attention_mask"].sum(1).tolist())) > 1, "the batch should need padding"
+    output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    batched = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    alone = [answer(model, processor, [image], [question])[0] for image, question in zip(images, questions)]
+    assert [text.strip() for text in batched] == alone
+
+
 @pytest.mark.parametrize("name", ["configuration", "modeling", "processing"])
 def test_checkpoint_code_is_the_package_code(name):
     """The checkpoint ships copies of the package's files for trust_remote_code; they must not go stale."""

@@ -96,6 +96,21 @@ def test_text_only_and_decode():
 
 
 @pytest.mark.parametrize(
+    "empty", [{"images": []}, {"videos": []}, {"images": [], "videos": []}, {"images": [[], []], "videos": [[], []]}]
+)
+def test_empty_lists_mean_no_images_or_videos(empty):
+    """What lmms-eval passes for a text-only question: `images=[]`, `videos=[]` (or one empty list per sample)."""
+    processor = tiny_processor(tiny_config())
+    texts = ["Tell me a joke.", "And another one, please."]
+    expected = processor(text=texts, padding=True, return_tensors="pt")
+    inputs = processor(text=texts, padding=True, return_tensors="pt", **empty)
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    torch.testing.assert_close(inputs["input_ids"], expected["input_ids"])
+    with pytest.raises(ValueError, match=r"1 <image> placeholder\(s\) but 0 image\(s\)"):
+        processor(text="<image>\nWhat is it?", **empty)
+
+
+@pytest.mark.parametrize(
     "text,num_images,message",
     [
         ("<image> and <image>", 1, r"2 <image> placeholder\(s\) but 1 image\(s\)"),
@@ -133,6 +148,13 @@ def test_save_load_round_trip(tmp_path):
         loaded(images=_image(), text=text, return_tensors="pt")["input_ids"],
         processor(images=_image(), text=text, return_tensors="pt")["input_ids"],
     )
+
+
+def test_unknown_image_backend_is_refused(tmp_path):
+    tiny_processor(tiny_config()).save_pretrained(tmp_path)
+    assert isinstance(AutoProcessor.from_pretrained(tmp_path).image_processor, LlavaImageProcessorPil)
+    with pytest.raises(ValueError, match=r"backend='cv2' is not an image-processing backend; use one of"):
+        AutoProcessor.from_pretrained(tmp_path, backend="cv2")
 
 
 def test_tokenizer_without_image_token_is_rejected():

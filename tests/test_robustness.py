@@ -257,6 +257,13 @@ def test_remote_code_is_inert(path):
             assert name not in FORBIDDEN_CALLS, f"{path.name} calls {name}()"
     for node in tree.body:  # top level: imports, definitions and constants only
         allowed = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign, ast.Expr)
+        if isinstance(node, ast.Try):  # feature detection: an import, or a definition when it is missing
+            assert all(isinstance(n, (ast.Import, ast.ImportFrom)) for n in node.body), f"{path.name}: try runs code"
+            for handler in node.handlers:
+                assert ast.unparse(handler.type) == "ImportError", f"{path.name} catches {ast.unparse(handler.type)}"
+                assert all(isinstance(n, ast.FunctionDef) for n in handler.body), f"{path.name}: except runs code"
+            assert not (node.orelse or node.finalbody), f"{path.name}: try has else/finally"
+            continue
         assert isinstance(node, allowed), f"{path.name} runs {type(node).__name__} at import"
         if isinstance(node, ast.Expr):
             assert isinstance(node.value, ast.Constant), f"{path.name} runs an expression at import"

@@ -225,6 +225,14 @@ def trained_names(model):
     return {name for name, param in model.named_parameters() if param.requires_grad}
 
 
+def enable_checkpointing(model, kwargs: dict) -> None:
+    """Activation checkpointing under its name since transformers 5.20, or the older one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 @pytest.mark.parametrize("tune", ["projector", "projector+lm", "lora"])
 @pytest.mark.parametrize("freeze_vision_tower", [True, False])
 def test_regimes_train_the_right_parameters_with_and_without_checkpointing(processor, tune, freeze_vision_tower):
@@ -240,7 +248,7 @@ def test_regimes_train_the_right_parameters_with_and_without_checkpointing(proce
                 if "lora_B" in name:
                     param.data.normal_(std=0.02)
         if checkpointing is not None:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+            enable_checkpointing(model, checkpointing)
         model(**batch).loss.backward()
         return {name: param.grad for name, param in model.named_parameters()}
 
@@ -309,6 +317,9 @@ def test_finetune_script_trains_and_saves(processor, tmp_path):
 
     finetune = load_finetune_script()
     save_tiny_checkpoint(tmp_path / "base", processor)
+    tokenizer_config = tmp_path / "base" / "tokenizer_config.json"  # a base checkpoint that pads on the right
+    tokenizer_config.write_text(json.dumps({**json.loads(tokenizer_config.read_text()), "padding_side": "right"}))
+    assert AutoProcessor.from_pretrained(tmp_path / "base").tokenizer.padding_side == "right"
     data = write_dataset(tmp_path / "data")
     batch = DenseConnectorDataCollator(processor)(records(8))
     before = tiny_model(CONFIG)
@@ -328,7 +339,9 @@ def test_finetune_script_trains_and_saves(processor, tmp_path):
 
     # the saved checkpoint loads through the Auto classes and gives the same logits
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
-    assert AutoProcessor.from_pretrained(tmp_path / "out").chat_template == processor.chat_template
+    saved = AutoProcessor.from_pretrained(tmp_path / "out")
+    assert saved.chat_template == processor.chat_template
+    assert saved.tokenizer.padding_side == "left"  # for batched generation, whatever the base checkpoint had
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
 

@@ -12,11 +12,19 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.hub import hf_api
 
 from .configuration_dense_connector import DenseConnectorConfig, select_best_resolution, unpadded_grid_size
+
+
+try:
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:  # transformers before 5.21 slices in each model, for an int or 1-D positions
+
+    def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden_states[:, indices, :]
 
 
 @dataclass
@@ -57,7 +65,7 @@ def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
 class DenseConnector(nn.Module):
     """Selects hidden states from the vision tower, fuses them by connector type, and projects them to the LM width.
 
-    The tower runs under forward hooks that keep only what the connector reads: the final feature, the STI/SCI
+    The tower runs under hooks that keep only what the connector reads: the final feature, the STI/SCI
     layers, and running sums for the DCI groups (never the whole stack of hidden states).
     """
 
@@ -84,7 +92,7 @@ class DenseConnector(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the tower once; return `F` and the extra states (STI/SCI layers, or DCI group means).
 
-        Forward hooks on the encoder layers keep only what the connector reads. A DCI group is summed in float32 as
+        Hooks on the encoder layers keep only what the connector reads. A DCI group is summed in float32 as
         its states go by and becomes its mean, in the tower's dtype, as soon as its last state is added: no group
         ever holds its 12-13 states, and with contiguous groups only one float32 running sum exists at a time.
         """
@@ -92,32 +100,37 @@ class DenseConnector(nn.Module):
         kept: dict[int, torch.Tensor] = {}
         sums: dict[int, torch.Tensor] = {}
         means: dict[int, torch.Tensor] = {}
+        grad_enabled = torch.is_grad_enabled()  # the caller's, even where a checkpointed layer runs its hooks
 
         def keep(index: int, state: torch.Tensor) -> None:
-            if index in singles:
-                kept[index] = state
-            for g, group in enumerate(self.groups):
-                if index not in group:
-                    continue
-                if g in sums:
-                    sums[g].add_(state.to(sums[g].device))
-                else:  # a copy: the state itself is the next layer's input and must stay untouched
-                    sums[g] = state.to(torch.float32, copy=True)
-                if index == max(group):
-                    means[g] = sums.pop(g).div_(len(group)).to(state.dtype)
+            with torch.set_grad_enabled(grad_enabled):
+                if index in singles:
+                    kept[index] = state
+                for g, group in enumerate(self.groups):
+                    if index not in group:
+                        continue
+                    if g in sums:
+                        sums[g].add_(state.to(sums[g].device))
+                    else:  # a copy: the state itself is the next layer's input and must stay untouched
+                        sums[g] = state.to(torch.float32, copy=True)
+                    if index == max(group):
+                        means[g] = sums.pop(g).div_(len(group)).to(state.dtype)
 
-        def make_hook(layer_index: int):
-            def hook(module, args, kwargs, output):
-                if layer_index == 0:
-                    keep(0, args[0] if args else kwargs["hidden_states"])
-                keep(layer_index + 1, output[0] if isinstance(output, tuple) else output)
+        def keep_input(layer_index: int):
+            def hook(module, args, kwargs):
+                keep(layer_index, args[0] if args else kwargs["hidden_states"])
 
             return hook
 
-        handles = [
-            layer.register_forward_hook(make_hook(i), with_kwargs=True)
-            for i, layer in enumerate(encoder_layers(vision_tower))
-        ]
+        def keep_output(module, args, kwargs, output):
+            keep(len(layers), output if isinstance(output, torch.Tensor) else output[0])
+
+        # Each state is read where the graph sees it, outside the layers' activation checkpointing (which wraps the
+        # layer hooks too before transformers 5.23): `hs[i]` as layer i's input, the last one as the encoder's output.
+        layers = encoder_layers(vision_tower)
+        encoder = next(module for module in vision_tower.modules() if layers in module.children())
+        handles = [layer.register_forward_pre_hook(keep_input(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        handles.append(encoder.register_forward_hook(keep_output, with_kwargs=True))
         try:
             vision_tower(pixel_values, **kwargs)
         finally:

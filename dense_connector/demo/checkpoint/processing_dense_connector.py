@@ -3,11 +3,30 @@
 import re
 
 import torch
-from transformers import BatchFeature, ProcessorMixin
+import transformers
+from transformers import BatchFeature, PilBackend, ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
 from transformers.video_utils import is_batched_video, is_valid_video
 
 from .configuration_dense_connector import num_anyres_tokens, num_tile_tokens, num_video_tokens
+
+
+IMAGE_BACKENDS = ("pil", "torchvision")
+
+
+def pil_image_processor(image_processor):
+    """The PIL-backend twin (`<Name>Pil`, same settings) of a torchvision-backend image processor; others unchanged."""
+    pil_class = getattr(transformers, type(image_processor).__name__ + "Pil", None)
+    if isinstance(image_processor, PilBackend) or pil_class is None:
+        return image_processor
+    return pil_class.from_dict(image_processor.to_dict())
+
+
+def none_if_empty(items):
+    """`None` for an empty list or a list of empty lists (one per sample): how text-only callers say "no images"."""
+    if isinstance(items, (list, tuple)) and all(isinstance(item, (list, tuple)) and not item for item in items):
+        return None
+    return items
 
 
 class DenseConnectorProcessor(ProcessorMixin):
@@ -69,6 +88,20 @@ class DenseConnectorProcessor(ProcessorMixin):
                 f"tokenizer.add_special_tokens({{'additional_special_tokens': [{image_token!r}]}}) and resize the "
                 "model's embeddings."
             )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, backend: str = "pil", **kwargs):
+        """Load a saved processor, with transformers' PIL image backend unless `backend="torchvision"`.
+
+        The PIL backend's pixels are the original's. Where torchvision is installed, transformers would otherwise pick
+        its torchvision backend, whose resizing differs (by up to 1.5e-2 on the reference fixtures).
+        """
+        if backend not in IMAGE_BACKENDS:
+            raise ValueError(f"backend={backend!r} is not an image-processing backend; use one of {IMAGE_BACKENDS}.")
+        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if backend == "pil":
+            processor.image_processor = pil_image_processor(processor.image_processor)
+        return processor
 
     @property
     def model_input_names(self) -> list[str]:
@@ -160,15 +193,19 @@ class DenseConnectorProcessor(ProcessorMixin):
         `return_tensors`, `add_special_tokens`); truncation never cuts through an image's or video's placeholders.
         `videos` is one video or a list of videos, each a list of PIL images or a `(frames, height, width, channels)`
         array or tensor; `num_frames=` samples that many frames uniformly from each (default `num_video_frames`).
-        Videos become `pixel_values_videos` of shape `(num_videos, frames, channels, height, width)`.
+        Videos become `pixel_values_videos` of shape `(num_videos, frames, channels, height, width)`. Empty lists of
+        images or videos mean none.
         """
+        images, videos = none_if_empty(images), none_if_empty(videos)
         if images is None and text is None and videos is None:
             raise ValueError("DenseConnectorProcessor needs at least one of `text`, `images`, `videos`.")
         if isinstance(text, str):
             text = [text]
         if text is not None and not all(isinstance(t, str) for t in text):
             raise ValueError("`text` must be a string or a list of strings.")
-        merged = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        merged = self._merge_kwargs(
+            self.valid_processor_kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
         text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None) or kwargs.get("return_tensors")
 
