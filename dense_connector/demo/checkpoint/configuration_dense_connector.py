@@ -3,11 +3,33 @@
 import math
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec, strict
+from transformers.configuration_utils import strict
 
 
 CONNECTOR_TYPES = ("sti", "sci", "dci", "none")
 FEATURE_SELECT_STRATEGIES = ("default", "full")
+
+
+# The vision tower when a config names none: CLIP ViT-L/14 at 336 px, as the released checkpoints use.
+DEFAULT_VISION_CONFIG = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 336,
+    "projection_dim": 768,
+}
+
+
+def build_sub_config(sub_config: dict | PreTrainedConfig | None, default: dict) -> PreTrainedConfig:
+    """A sub-config from a config, a dict (its `model_type` defaulting to `default`'s) or `None` (`default`)."""
+    if isinstance(sub_config, PreTrainedConfig):
+        return sub_config
+    settings = dict(default if sub_config is None else sub_config)
+    model_type = settings.pop("model_type", default["model_type"])
+    return AutoConfig.for_model(model_type, **settings)
 
 
 def default_connector_layers(num_layers: int) -> list[int]:
@@ -97,22 +119,7 @@ class DenseConnectorConfig(PreTrainedConfig):
     """
 
     model_type = "dense_connector"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="clip_vision_model",
-            init_kwargs={
-                "hidden_size": 1024,
-                "intermediate_size": 4096,
-                "num_hidden_layers": 24,
-                "num_attention_heads": 16,
-                "patch_size": 14,
-                "image_size": 336,
-                "projection_dim": 768,
-            },
-        ),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-    }
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -133,6 +140,9 @@ class DenseConnectorConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        # Built here rather than through 5.23's `SubConfigSpec`, which older transformers lack.
+        self.vision_config = build_sub_config(self.vision_config, DEFAULT_VISION_CONFIG)
+        self.text_config = build_sub_config(self.text_config, {"model_type": "llama"})
         super().__post_init__(**kwargs)
         num_layers = self.vision_config.num_hidden_layers
         if self.dense_connector_layers is None and self.dense_connector_type in ("sti", "sci"):
