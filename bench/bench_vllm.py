@@ -7,8 +7,8 @@ tokens (EOS ignored on both sides), so both produce the same number of tokens. E
 warm up, then `--reps` times alternately; the best run of each counts. vLLM gets the processor's exact ids through
 `dense_connector.integrations.vllm.token_prompt`.
 
-    .venv-vllm/bin/python bench/bench_vllm.py                  # 32 requests, 32 new tokens, pipeline batch size 8
-    .venv-vllm/bin/python bench/bench_vllm.py --model DIR --requests 64 --batch-size 16
+    .venv-vllm/bin/python bench/bench_vllm.py                  # 32 requests, 32 new tokens, pipeline batches 8, 32
+    .venv-vllm/bin/python bench/bench_vllm.py --model DIR --requests 64 --batch-sizes 16
 """
 
 import argparse
@@ -88,7 +88,7 @@ def main():
     parser.add_argument("--model", type=Path, help="a saved checkpoint (default: build the benchmark's model)")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=8, help="the pipeline's batch size")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32], help="the pipeline's batch sizes")
     parser.add_argument("--reps", type=int, default=2)
     args = parser.parse_args()
 
@@ -98,8 +98,9 @@ def main():
         chats = [messages for messages, _ in work]
 
         start = time.perf_counter()
-        llm = LLM(model=str(folder), trust_remote_code=True, dtype="float32", seed=0,
-                  kv_cache_memory_bytes=1 << 30, skip_mm_profiling=True)  # fmt: skip
+        # The model runs in the engine's process: no separate worker process polls while the pipeline runs.
+        llm = LLM(model=str(folder), trust_remote_code=True, dtype="float32", seed=0, kv_cache_memory_bytes=1 << 30,
+                  skip_mm_profiling=True, distributed_executor_backend="uni")  # fmt: skip
         engine_seconds = time.perf_counter() - start
         pipe = pipeline("image-text-to-text", model=str(folder), trust_remote_code=True, dtype=torch.float32)
         pipe.model.generation_config.eos_token_id = None  # as vLLM's ignore_eos: every answer is --new-tokens long
@@ -110,27 +111,25 @@ def main():
             for messages, image in work
         ]
 
-        results = {"vLLM": [], "pipeline": []}
+        results = {"vLLM": [], **{f"pipeline, batch size {size}": [] for size in args.batch_sizes}}
         run_vllm(llm, prompts, args.new_tokens)  # warm-up
-        run_pipeline(pipe, chats, args.new_tokens, args.batch_size)
+        run_pipeline(pipe, chats, args.new_tokens, args.batch_sizes[0])
         for _ in range(args.reps):
             results["vLLM"].append(run_vllm(llm, prompts, args.new_tokens))
-            results["pipeline"].append(run_pipeline(pipe, chats, args.new_tokens, args.batch_size))
+            for size in args.batch_sizes:
+                results[f"pipeline, batch size {size}"].append(run_pipeline(pipe, chats, args.new_tokens, size))
 
     print(
         f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, float32; vLLM engine start {engine_seconds:.0f} s"
     )
-    print(
-        f"{args.requests} requests, 1 image each, {args.new_tokens} new tokens, pipeline batch size {args.batch_size}"
-    )
-    best = {}
+    print(f"{args.requests} requests, 1 image each, {args.new_tokens} new tokens; best of {args.reps} runs")
+    vllm_seconds = min(results["vLLM"])[0]
     for name, runs in results.items():
         seconds, tokens = min(runs)
-        best[name] = seconds
+        ratio = "" if name == "vLLM" else f"  (vLLM: {seconds / vllm_seconds:.1f}x the throughput)"
         print(
-            f"{name:9s} {seconds:7.2f} s  {args.requests / seconds:6.2f} requests/s  {tokens / seconds:7.1f} tokens/s"
+            f"{name:24s} {seconds:6.2f} s {args.requests / seconds:6.2f} requests/s {tokens / seconds:6.1f} tokens/s{ratio}"
         )
-    print(f"vLLM / pipeline throughput: {best['pipeline'] / best['vLLM']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -124,10 +124,14 @@ def two_images(prompt: str) -> str:
     return prompt.replace("<image>\n", "<image>\n<image>\n", 1)
 
 
+def cases(name: str, prompt: str, images: list[Image.Image]) -> list[tuple[str, list[Image.Image]]]:
+    """The prompt with one image; for `clip_dci` also with two."""
+    return [(prompt, images[:1])] + ([(two_images(prompt), images)] if name == "clip_dci" else [])
+
+
 def test_processor_ids_give_transformers_outputs(served):
     name, llm, reference, prompt, images = served
-    cases = [(prompt, images[:1])] + ([(two_images(prompt), images)] if name == "clip_dci" else [])
-    for text, case_images in cases:
+    for text, case_images in cases(name, prompt, images):
         expected_ids = reference.prompt_ids(text, case_images)
         output = llm.generate(token_prompt(reference.processor, text, case_images), GREEDY)[0]
         assert output.prompt_token_ids == expected_ids
@@ -135,9 +139,10 @@ def test_processor_ids_give_transformers_outputs(served):
 
 
 def test_text_prompt_gives_transformers_outputs(served):
-    _, llm, reference, prompt, images = served
-    output = llm.generate({"prompt": prompt, "multi_modal_data": {"image": images[:1]}}, GREEDY)[0]
-    assert list(output.outputs[0].token_ids) == reference.generate(output.prompt_token_ids, images[:1])
+    name, llm, reference, prompt, images = served
+    for text, case_images in cases(name, prompt, images):
+        output = llm.generate({"prompt": text, "multi_modal_data": {"image": case_images}}, GREEDY)[0]
+        assert list(output.outputs[0].token_ids) == reference.generate(output.prompt_token_ids, case_images)
 
 
 @WHOLE_PROMPT_TOKENISATION
@@ -172,9 +177,10 @@ def chat_output(llm, messages, images):
 
 
 def test_chat_messages_give_transformers_outputs(served):
-    _, llm, reference, _, images = served
-    output = chat_output(llm, chat("Describe the picture in detail."), images[:1])
-    assert list(output.outputs[0].token_ids) == reference.generate(output.prompt_token_ids, images[:1])
+    name, llm, reference, _, images = served
+    for count in (1, 2) if name == "clip_dci" else (1,):
+        output = chat_output(llm, chat("Describe the pictures in detail.", count), images[:count])
+        assert list(output.outputs[0].token_ids) == reference.generate(output.prompt_token_ids, images[:count])
 
 
 @WHOLE_PROMPT_TOKENISATION
