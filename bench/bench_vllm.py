@@ -127,9 +127,8 @@ def main():
     for name, runs in results.items():
         seconds, tokens = min(runs)
         ratio = "" if name == "vLLM" else f"  (vLLM: {seconds / vllm_seconds:.1f}x the throughput)"
-        print(
-            f"{name:24s} {seconds:6.2f} s {args.requests / seconds:6.2f} requests/s {tokens / seconds:6.1f} tokens/s{ratio}"
-        )
+        rates = f"{args.requests / seconds:6.2f} requests/s {tokens / seconds:6.1f} tokens/s"
+        print(f"{name:24s} {seconds:6.2f} s {rates}{ratio}")
 
 
 if __name__ == "__main__":
