@@ -222,8 +222,8 @@ def server(tmp_path_factory):
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
     command += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", "demo", "--seed", "0"]
-    command += ["--trust-remote-code", "--dtype", "float32", "--enforce-eager"]
-    command += ["--kv-cache-memory-bytes", str(256 * 2**20), "--skip-mm-profiling"]
+    command += ["--trust-remote-code", "--dtype", "float32", "--enforce-eager", "--skip-mm-profiling"]
+    command += ["--kv-cache-memory-bytes", str(256 * 2**20), "--distributed-executor-backend", "uni"]
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
     process = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
