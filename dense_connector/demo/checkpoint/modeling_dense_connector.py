@@ -224,6 +224,8 @@ class DenseConnectorPreTrainedModel(PreTrainedModel):
             kind: sorted(info.get(key) or [])
             for kind, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"))
         }
+        if not hasattr(model, "lm_head"):  # the base model loaded from a checkpoint with a head
+            problems["unexpected"] = [name for name in problems["unexpected"] if not name.startswith("lm_head.")]
         if any(problems.values()):
             listed = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in problems.items() if names)
             raise ValueError(
@@ -246,7 +248,15 @@ class DenseConnectorPreTrainedModel(PreTrainedModel):
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
-        """Save as transformers does, plus a `README.md` model card when the folder has none."""
+        """Save as transformers does, plus a `README.md` model card when the folder has none.
+
+        A saved model with a head also maps `AutoModel` to its base model in `auto_map`: vLLM's Transformers backend
+        builds the base model with `AutoModel` from the same folder.
+        """
+        base = getattr(self, self.base_model_prefix, None)
+        if self.is_remote_code() and isinstance(base, DenseConnectorModel):
+            entry = f"{type(base).__module__.rsplit('.', 1)[-1]}.{type(base).__name__}"
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": entry}
         super().save_pretrained(save_directory, *args, **kwargs)
         card = os.path.join(save_directory, "README.md")
         if not os.path.exists(card):
@@ -287,8 +297,6 @@ class DenseConnectorPreTrainedModel(PreTrainedModel):
 
 class DenseConnectorModel(DenseConnectorPreTrainedModel):
     """Vision tower, Dense Connector and language model, without a language-modeling head."""
-
-    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # loading the base model from a full checkpoint
 
     def __init__(self, config: DenseConnectorConfig):
         super().__init__(config)
@@ -414,16 +422,6 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
                 "`num_frames=` when calling it) or keep the per-frame max-pooling on (`video_pool_stride` > 1)."
             )
 
-    def _check_prompt_length(self, length: int, past_key_values: Cache | None) -> None:
-        """A prompt (placeholders included) longer than the LM's positions is refused before anything runs."""
-        max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
-        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
-        if prefill and max_positions is not None and length > max_positions:
-            raise ValueError(
-                f"The prompt is {length} tokens long (image and video placeholders included) but the language model "
-                f"has {max_positions} positions; shorten the text or use fewer images, frames or tiles."
-            )
-
     def _scatter_features(
         self,
         input_ids: torch.LongTensor | None,
@@ -466,7 +464,6 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        self._check_prompt_length(inputs_embeds.shape[1], past_key_values)
 
         mm_encoder_outputs = dict(mm_encoder_outputs or {})
         if pixel_values is not None:

@@ -6,6 +6,7 @@ import torch
 import transformers
 from transformers import BatchFeature, PilBackend, ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
+from transformers.processing_utils import MultiModalData
 from transformers.video_utils import is_batched_video, is_valid_video
 
 from .configuration_dense_connector import num_anyres_tokens, num_tile_tokens, num_video_tokens
@@ -207,6 +208,7 @@ class DenseConnectorProcessor(ProcessorMixin):
             self.valid_processor_kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )
         text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        return_offsets = text_kwargs.pop("return_text_replacement_offsets", False)
         return_tensors = text_kwargs.pop("return_tensors", None) or kwargs.get("return_tensors")
 
         data, replacements = {}, []
@@ -263,7 +265,29 @@ class DenseConnectorProcessor(ProcessorMixin):
                 return_attention_mask=text_kwargs.get("return_attention_mask", True),
             )
             data.update(padded)
-        return BatchFeature(data, tensor_type=return_tensors)
+            if return_offsets:
+                data["text_replacement_offsets"] = self._replacement_offsets(text, replacements + video_replacements)
+        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
+
+    def _replacement_offsets(self, text: list[str], replacements: list[tuple[str, int, int]]) -> list[list[dict]]:
+        """Where each placeholder of each prompt stands and the placeholder run it becomes, as transformers'
+        `get_text_with_replacements` reports them (`return_text_replacement_offsets=True`; vLLM locates images so)."""
+        tokens = {"image": self.image_token, "video": self.video_token}
+        runs = {modality: [] for modality in tokens}
+        for modality, _, count in replacements:
+            runs[modality].append(tokens[modality] * count)
+        return self.get_text_with_replacements(list(text), runs["image"], runs["video"])[1]
+
+    def _get_num_multimodal_tokens(self, image_sizes: list[list[int]] | None = None, **kwargs) -> MultiModalData:
+        """Placeholders of images of the given original `(height, width)`s, and their rows of `pixel_values` (one
+        per image, AnyRes tiles included). vLLM sizes its multimodal budget and splits batched inputs with it."""
+        if image_sizes is None:
+            return MultiModalData()
+        processor = self.image_processor
+        size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+        side = size.get("height") or size["shortest_edge"]
+        counts = [self.num_image_tokens(side, side, tuple(image_size)) for image_size in image_sizes]
+        return MultiModalData(num_image_tokens=counts, num_image_patches=[1] * len(counts))
 
     def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
         """transformers' `apply_chat_template`, except that rendered text (`tokenize=False`) leaves out a BOS the
