@@ -105,11 +105,6 @@ BAD_INPUTS = [
         r"floating-point tensor.*torch\.uint8",
     ),
     (
-        "prompt longer than the LM's positions",
-        lambda tmp: MODEL(input_ids=torch.ones(1, 600, dtype=torch.long)),
-        r"600 tokens long .* 512 positions",
-    ),
-    (
         "unknown connector type in a config",
         lambda tmp: DenseConnectorConfig(dense_connector_type="sparse"),
         r"dense_connector_type='sparse' is not supported",

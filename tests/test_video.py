@@ -150,9 +150,6 @@ def test_video_longer_than_the_language_model_is_refused_before_any_compute():
     with pytest.raises(ValueError, match="A video of 17 frames"):
         model.generate(**too_long, max_new_tokens=2)
 
-    with_prompt = processor(text=PROMPT, videos=make_frames(16), return_tensors="pt")  # 512 + the prompt's tokens
-    with pytest.raises(ValueError, match=r"prompt is 5\d\d tokens long"):
-        model(**with_prompt)
     assert not tower_runs
 
     fits = processor(text=PROMPT, videos=make_frames(16), num_frames=8, return_tensors="pt")
