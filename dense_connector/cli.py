@@ -24,6 +24,7 @@ from huggingface_hub import hf_hub_download
 from PIL import Image, UnidentifiedImageError
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
 from transformers.image_utils import load_image as fetch_image
+from transformers.utils import logging as hf_logging
 
 
 PROG = "dense-connector"
@@ -117,11 +118,15 @@ def load_checkpoint(model_id: str, device: str):
     check_checkpoint(model_id)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers' load report would repeat what check_loading_info says
     try:
         processor = AutoProcessor.from_pretrained(model_id)
         model, info = AutoModelForImageTextToText.from_pretrained(model_id, dtype="auto", output_loading_info=True)
     except (OSError, ValueError) as error:
         raise UsageError(f"cannot load {model_id}: {one_line(error)}") from error
+    finally:
+        hf_logging.set_verbosity(verbosity)
     check_loading_info(model_id, info)
     model = model.to(device).eval()
     status(f"loaded in {time.perf_counter() - start:.1f} s on {device}")
