@@ -7,7 +7,8 @@ import logging
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import tiny_config, tiny_model
+from PIL import Image
+from tiny import tiny_config, tiny_model, tiny_processor
 from transformers import CLIPVisionConfig, CompileConfig
 from transformers.utils import logging as hf_logging
 
@@ -143,6 +144,21 @@ def test_rope_scaled_prompt_longer_than_max_positions_runs(rope_type):
         logits = model(input_ids=input_ids).logits
         alone = model.lm_head(model.model.language_model(input_ids=input_ids).last_hidden_state)
     torch.testing.assert_close(logits, alone)
+
+
+def test_processor_warns_about_a_prompt_longer_than_model_max_length(caplog):
+    processor = tiny_processor(tiny_config())
+    processor.tokenizer.model_max_length = 70
+    image = Image.new("RGB", (40, 30))
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            processor(images=image, text="<image>\nHi")  # 64 placeholders + 4 tokens: fits
+            assert "model_max_length" not in caplog.text
+            processor(images=image, text="<image>\nA longer question about the picture")
+    finally:
+        hf_logging.disable_propagation()
+    assert "more than the tokenizer's model_max_length=70" in caplog.text
 
 
 # --- compiled decoding -----------------------------------------------------------------------------------------
