@@ -8,7 +8,8 @@ the models (A, B, A, B, ...). Decode is the time of one later step, best over al
 logits processor that stamps every step.
 
     .venv/bin/python bench/bench_compile.py                      # CPU: CLIP-L width 2 layers, Llama-7B width x2
-    .venv/bin/python bench/bench_compile.py --device cuda --dtype bfloat16 --tower-layers 24 --image-size 336 --lm-layers 32
+    .venv/bin/python bench/bench_compile.py --device cuda --dtype bfloat16 --tower-layers 24 --image-size 336 \
+        --lm-layers 32 --new-tokens 64
 """
 
 import argparse
@@ -80,7 +81,8 @@ def run(args) -> dict[str, tuple[float, float]]:
                 compiled[name] += generate(model, input_ids, pixel_values, args, compiled=True)[1]
     best = {name: min(steps) for name, steps in compiled.items()}
 
-    tower, language_model = describe_tower(llava.config.vision_config), describe_language_model(llava.config.text_config)
+    tower = describe_tower(llava.config.vision_config)
+    language_model = describe_language_model(llava.config.text_config)
     print(f"# compiled static-cache decoding, {tower}, {language_model}, {args.new_tokens} new tokens: ", end="")
     print(describe_machine(args))
     columns = ("eager s/tok", "compiled s/tok", "x eager", "x llava", "first run s")

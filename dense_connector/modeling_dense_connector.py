@@ -59,7 +59,7 @@ def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
 
 
 def features_output(tower_outputs: ModelOutput, features: list[torch.Tensor]) -> BaseModelOutputWithPooling:
-    """`get_image_features`' result, as Llava's: the tower's outputs, with the projected features as `pooler_output`."""
+    """`get_*_features`' result, as Llava's: the tower's outputs, with the projected features as `pooler_output`."""
     return BaseModelOutputWithPooling(
         last_hidden_state=tower_outputs.last_hidden_state,
         pooler_output=features,

@@ -261,9 +261,9 @@ class DenseConnectorProcessor(ProcessorMixin):
         longest = max((len(ids) for ids in sequences), default=0)
         if limit is not None and limit < VERY_LARGE_INTEGER and longest > limit:
             logger.warning(
-                f"A prompt is {longest} tokens long (image and video placeholders included), more than the tokenizer's "
-                f"model_max_length={limit}; unless the language model's RoPE is scaled for it, shorten the text or "
-                "use fewer images, frames or tiles."
+                f"A prompt is {longest} tokens long (image and video placeholders included), more than the "
+                f"tokenizer's model_max_length={limit}; unless the language model's RoPE is scaled for it, shorten "
+                "the text or use fewer images, frames or tiles."
             )
 
     def _truncate(self, ids: list[int], text_kwargs: dict) -> list[int]:

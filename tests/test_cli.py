@@ -185,7 +185,10 @@ def test_convert_runs_the_conversion_command_line(capsys, tmp_path):
         ("missing_folder", "no such folder: {tmp}/nowhere"),
         ("original_checkpoint", "is an original Dense Connector checkpoint; convert it first with"),
         ("other_model", "is a 'clip_vision_model' checkpoint, not a Dense Connector one"),
-        ("incomplete", "is incomplete or does not match its config (missing tensors: model.connector.projector.0.bias)"),
+        (
+            "incomplete",
+            "is incomplete or does not match its config (missing tensors: model.connector.projector.0.bias",
+        ),
         ("no_question", "give a question (or use --interactive)"),
     ],
 )

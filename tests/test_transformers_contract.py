@@ -6,8 +6,8 @@ import logging
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from tiny import tiny_config, tiny_model, tiny_processor
 from transformers import CLIPVisionConfig, CompileConfig
 from transformers.utils import logging as hf_logging
