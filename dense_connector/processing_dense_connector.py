@@ -12,9 +12,6 @@ from transformers.video_utils import is_batched_video, is_valid_video
 from .configuration_dense_connector import num_anyres_tokens, num_tile_tokens, num_video_tokens
 
 
-logger = logging.get_logger(__name__)
-
-
 class DenseConnectorProcessor(ProcessorMixin):
     r"""
     Turns prompts and images into model inputs. Each `<image>` in the text becomes exactly as many image placeholder
@@ -260,7 +257,7 @@ class DenseConnectorProcessor(ProcessorMixin):
         limit = self.tokenizer.model_max_length
         longest = max((len(ids) for ids in sequences), default=0)
         if limit is not None and limit < VERY_LARGE_INTEGER and longest > limit:
-            logger.warning(
+            logging.get_logger(__name__).warning(
                 f"A prompt is {longest} tokens long (image and video placeholders included), more than the "
                 f"tokenizer's model_max_length={limit}; unless the language model's RoPE is scaled for it, shorten "
                 "the text or use fewer images, frames or tiles."
