@@ -1,14 +1,16 @@
-"""Real-size runs of the three comparisons on one GPU, bfloat16 + SDPA: CLIP-L/336 (24 layers) and Llama-7B widths.
+"""Real-size runs of the comparisons on one GPU, bfloat16 + SDPA: CLIP-L/336 (24 layers) and Llama-7B widths.
 
 bench/gpu.sh                    # on a GPU machine (< 5 minutes on one H100)
 bench/gpu.sh --lm-layers 8      # a shallower language model
-bench/gpu.sh --tiny             # smoke test: tiny widths on the CPU, seconds
+bench/gpu.sh --tiny             # smoke test: tiny widths on the CPU (compilation takes a minute or two)
+bench/gpu.sh --no-compile       # without the compiled static-cache decoding comparison
 """
 
 import argparse
 import copy
 import time
 
+import bench_compile
 import bench_encoding
 import bench_feature_memory
 import bench_generate
@@ -22,6 +24,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed generate")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per model (after one warm-up)")
     parser.add_argument("--tiny", action="store_true", help="tiny widths on the CPU, to check the script runs")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled decoding comparison")
     options = parser.parse_args()
     device = "cpu" if options.tiny or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not options.tiny:
@@ -41,6 +44,9 @@ def main():
     print()
     frames = 32 if options.tiny else 14  # 14 CLIP-L/336 frames take 4032 of Llama-7B's 4096 positions
     bench_feature_memory.run(argparse.Namespace(**vars(copy.copy(common)), batch=8, frames=frames))
+    if not options.no_compile:
+        print()
+        bench_compile.run(argparse.Namespace(**vars(copy.copy(common)), new_tokens=options.new_tokens))
     print(f"\nTotal {time.perf_counter() - start:.0f} s")
 
 

@@ -25,6 +25,7 @@ from huggingface_hub import hf_hub_download
 from PIL import Image, UnidentifiedImageError
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
 from transformers.image_utils import load_image as fetch_image
+from transformers.utils import logging as hf_logging
 
 from dense_connector.evaluation import command as evaluation_command
 
@@ -94,6 +95,21 @@ def check_checkpoint(model_id: str) -> None:
         raise UsageError(f"{model_id} is a {config.get('model_type')!r} checkpoint, not a Dense Connector one")
 
 
+def check_loading_info(model_id: str, info: dict) -> None:
+    """Refuse a checkpoint with missing or unexpected tensors, naming them.
+
+    transformers only warns (and initialises missing tensors at random); chatting with such a model would give
+    meaningless answers, so the CLI stops instead.
+    """
+    problems = [(kind, sorted(info.get(f"{kind}_keys") or [])) for kind in ("missing", "unexpected")]
+    problems = [f"{kind} tensors: {', '.join(names)}" for kind, names in problems if names]
+    if problems:
+        raise UsageError(
+            f"{model_id} is incomplete or does not match its config ({'; '.join(problems)}); convert the original "
+            f"checkpoint again with `{PROG} convert`"
+        )
+
+
 def load_checkpoint(model_id: str, device: str):
     """Model (in eval mode, on `device`) and processor of a converted Dense Connector checkpoint.
 
@@ -105,11 +121,17 @@ def load_checkpoint(model_id: str, device: str):
     check_checkpoint(model_id)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers' load report would repeat what check_loading_info says
     try:
         processor = AutoProcessor.from_pretrained(model_id)
-        model = AutoModelForImageTextToText.from_pretrained(model_id, dtype="auto").to(device).eval()
+        model, info = AutoModelForImageTextToText.from_pretrained(model_id, dtype="auto", output_loading_info=True)
     except (OSError, ValueError) as error:
         raise UsageError(f"cannot load {model_id}: {one_line(error)}") from error
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    check_loading_info(model_id, info)
+    model = model.to(device).eval()
     status(f"loaded in {time.perf_counter() - start:.1f} s on {device}")
     return model, processor
 

@@ -6,6 +6,7 @@ import http.server
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from tiny import FIXTURES
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -183,6 +185,10 @@ def test_convert_runs_the_conversion_command_line(capsys, tmp_path):
         ("missing_folder", "no such folder: {tmp}/nowhere"),
         ("original_checkpoint", "is an original Dense Connector checkpoint; convert it first with"),
         ("other_model", "is a 'clip_vision_model' checkpoint, not a Dense Connector one"),
+        (
+            "incomplete",
+            "is incomplete or does not match its config (missing tensors: model.connector.projector.0.bias",
+        ),
         ("no_question", "give a question (or use --interactive)"),
     ],
 )
@@ -201,13 +207,20 @@ def test_errors_are_one_clear_line(capsys, tmp_path, folder, image_paths, case, 
         model = FIXTURES / "clip_dci" / "original"
     elif case == "other_model":
         model = FIXTURES / "clip_dci" / "vision_tower"
+    elif case == "incomplete":  # transformers would only warn and initialise the missing tensor at random
+        model = tmp_path / "incomplete"
+        shutil.copytree(folder, model)
+        tensors = load_file(model / "model.safetensors")
+        del tensors["model.connector.projector.0.bias"]
+        save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
     elif case == "no_question":
         question = []
     code, out, err = run(capsys, "chat", "--model", model, "--image", image, *question)
     assert code == 1 and out == ""
     *progress, error = err.splitlines()
     assert error.startswith("dense-connector: error: ") and message.format(tmp=tmp_path) in error
-    assert all(line.startswith("dense-connector: loading ") for line in progress)
+    progress = [line for line in progress if line and not line.startswith("Loading weights")]  # transformers' bar
+    assert all(line.startswith("dense-connector: loading ") for line in progress), progress
 
 
 def test_hub_checkpoint_in_the_original_format_gets_the_conversion_hint(capsys, monkeypatch, image_paths):

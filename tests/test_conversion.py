@@ -158,7 +158,7 @@ def test_converted_checkpoints_reproduce_the_original_as_remote_code(converted, 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_merged_embeddings_match_the_original(converted, name, attention):
     """The features that replace the placeholders, spliced into the text embeddings, are the original's merged
-    `inputs_embeds` (1e-4); with eager attention the SigLIP towers reproduce them to the last bit."""
+    `inputs_embeds` within the fixtures' 1e-4 (never bit for bit: other CPUs take other kernels)."""
     folder = converted(name)
     model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation=attention).eval()
     processor = AutoProcessor.from_pretrained(folder)
@@ -175,8 +175,7 @@ def test_merged_embeddings_match_the_original(converted, name, attention):
             "image",
         )
     golden = load_file(FIXTURES / name / "golden.safetensors")["inputs_embeds"]
-    exact = attention == "eager" and name.startswith("siglip")
-    torch.testing.assert_close(embeds, golden, atol=0 if exact else 1e-4, rtol=0)
+    torch.testing.assert_close(embeds, golden, atol=1e-4, rtol=0)
 
 
 def test_fixtures_cover_sharded_bin_and_safetensors_checkpoints():
@@ -529,10 +528,12 @@ def test_connector_types_use_the_original_hidden_states(name, connector, project
     if "tokens" in expected:
         assert translated.num_image_tokens() == expected["tokens"]
     siglip = name.startswith("siglip")
+    # The original reads hs[-1] of SigLIP's 26 layers and hs[-2] of CLIP's 24: the config names them by their
+    # non-negative index and keeps only the layers up to them.
     assert (translated.vision_feature_layer, translated.vision_feature_select_strategy) == (
-        (-1, "full") if siglip else (-2, "default")
+        (26, "full") if siglip else (23, "default")
     )
-    assert translated.vision_config.num_hidden_layers == (26 if siglip else 24)
+    assert translated.vision_config.num_hidden_layers == (26 if siglip else 23)
 
 
 def test_anyres_needs_spatial_unpad():

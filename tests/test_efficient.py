@@ -29,7 +29,7 @@ def test_features_are_the_2x2_means_of_the_full_features(tower, connector):
     connector_module = model.model.connector
     pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        final, extras = connector_module.collect_hidden_states(model.model.vision_tower, pixel_values)  # 8x8 grids
+        _, final, extras = connector_module.collect_hidden_states(model.model.vision_tower, pixel_values)  # 8x8 grids
 
         def block_means(state: torch.Tensor) -> torch.Tensor:
             grid = state.transpose(1, 2).unflatten(2, (8, 8))
@@ -42,7 +42,7 @@ def test_features_are_the_2x2_means_of_the_full_features(tower, connector):
         else:
             fused = torch.cat([final, *extras], dim=-1)
         expected = connector_module.projector(fused)
-        ours = model.get_image_features(pixel_values).last_hidden_state
+        ours = torch.stack(model.get_image_features(pixel_values).pooler_output)
     assert ours.shape[1] == (16 if connector != "sti" else 16 + 2 * 2)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 

@@ -22,16 +22,18 @@ CONNECTORS = ("dci", "sci", "sti", "none")
 
 
 def deep_config(tower: str, connector: str, num_layers: int = 6):
-    """A tiny config whose tower has `num_layers` layers (layer and group defaults follow the depth)."""
+    """A tiny config for a tower of `num_layers` layers (layer and group defaults follow the depth); the config keeps
+    only the layers up to the deepest state the connector reads."""
     kind = "clip" if tower == "clip" else "siglip"
     vision_config = tiny_config(kind).vision_config.to_dict() | {"num_hidden_layers": num_layers}
     return tiny_config(kind, connector, vision_config=vision_config, **TOWERS[tower])
 
 
-def full_tower(model, config) -> torch.nn.Module:
-    """The tower with all `num_hidden_layers`, sharing our weights for the layers we build (the rest are unused)."""
+def full_tower(model, config, num_layers: int) -> torch.nn.Module:
+    """The tower with all `num_layers`, sharing our weights for the layers we build (the rest are unused)."""
     torch.manual_seed(1)
-    tower = AutoModel.from_config(config.vision_config).eval()
+    vision_config = type(config.vision_config)(**(config.vision_config.to_dict() | {"num_hidden_layers": num_layers}))
+    tower = AutoModel.from_config(vision_config).eval()
     missing, unexpected = tower.load_state_dict(model.model.vision_tower.state_dict(), strict=False)
     assert not unexpected and all(key.startswith("encoder.layers.") for key in missing)
     return tower
@@ -40,7 +42,7 @@ def full_tower(model, config) -> torch.nn.Module:
 def reference_features(config, tower, projector, pixel_values: torch.Tensor) -> torch.Tensor:
     """The connector computed on the full tuple of hidden states, as the original code does."""
     states = tower(pixel_values, output_hidden_states=True).hidden_states
-    assert len(states) == config.vision_config.num_hidden_layers + 1
+    assert len(states) == tower.config.num_hidden_layers + 1
 
     def select(index: int) -> torch.Tensor:
         return states[index][:, 1:] if config.vision_feature_select_strategy == "default" else states[index]
@@ -78,15 +80,17 @@ def test_features_match_keep_all_hidden_states_with_fewer_layers(tower, connecto
         layer.register_forward_hook(lambda module, args, output, index=index: layer_calls.append(index))
     pixel_values = pixels(config)
     with torch.no_grad():
-        ours = model.get_image_features(pixel_values).last_hidden_state
-        expected = reference_features(config, full_tower(model, config), model.model.connector.projector, pixel_values)
+        ours = torch.stack(model.get_image_features(pixel_values).pooler_output)
+        reference_tower = full_tower(model, config, num_layers=6)
+        expected = reference_features(config, reference_tower, model.model.connector.projector, pixel_values)
     assert ours.shape == expected.shape == (2, config.num_image_tokens(), config.text_config.hidden_size)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
     # Hidden state i is the output of layer i: F = hs[-2] needs every layer but the last, and no connector reads
-    # deeper than F here; each needed layer runs once, in order.
-    num_layers = config.vision_config.num_hidden_layers
-    assert layer_calls == list(range(num_layers - 1 if config.vision_feature_layer == -2 else num_layers))
+    # deeper than F here; each needed layer runs once, in order, and the config counts just those.
+    skips_last = tower != "siglip-full"
+    assert config.vision_config.num_hidden_layers == (5 if skips_last else 6)
+    assert layer_calls == list(range(config.vision_config.num_hidden_layers))
 
 
 @pytest.mark.parametrize("tower", ("clip", "siglip-skip-last"))
@@ -97,7 +101,7 @@ def test_dci_peak_memory_is_near_the_single_layer_path(tower):
     config = deep_config(tower, "dci", num_layers=24)
     model = tiny_model(config)
     single_layer = tiny_model(deep_config(tower, "none", num_layers=24))
-    reference_tower, projector = full_tower(model, config), model.model.connector.projector
+    reference_tower, projector = full_tower(model, config, num_layers=24), model.model.connector.projector
     pixel_values = pixels(config, batch=4)
     with torch.no_grad():
         ours = peak_bytes(lambda: model.get_image_features(pixel_values), "cpu")

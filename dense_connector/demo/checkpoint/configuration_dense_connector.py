@@ -1,5 +1,6 @@
 """Dense Connector model configuration."""
 
+import copy
 import math
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -92,7 +93,9 @@ class DenseConnectorConfig(PreTrainedConfig):
     that fuses several of the tower's hidden states, a projector, and a causal language model.
 
     Hidden-state indices follow transformers' `output_hidden_states`: `0` is the embedding output, `i` the output of
-    encoder layer `i`, negative values count from the end of the full tower.
+    encoder layer `i`, negative values count from the end of the full tower. The config then describes the tower that
+    is built: `vision_config.num_hidden_layers` becomes the number of layers up to the deepest state the connector
+    reads (the rest are never built nor run) and `vision_feature_layer` its non-negative index.
 
     Args:
         vision_config (`dict` or `PreTrainedConfig`, *optional*): the vision tower (CLIP, SigLIP, ...).
@@ -151,6 +154,24 @@ class DenseConnectorConfig(PreTrainedConfig):
             self.dense_connector_groups = default_connector_groups(num_layers)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
+        self.validate_dense_connector()
+        self._describe_built_tower()
+
+    def _describe_built_tower(self):
+        """Make `vision_config` describe the tower that is built: layers after the deepest state read are dropped.
+
+        `vision_feature_layer` is first resolved to a non-negative index of the full tower, so that it keeps naming the
+        same hidden state; SigLIP's pooling head, never read, is turned off. A saved config reloads unchanged. A vision
+        config object passed in is copied before it is changed, never modified in place.
+        """
+        self.vision_feature_layer = self.feature_layer_index
+        built = {"num_hidden_layers": self.num_vision_layers_used}
+        if getattr(self.vision_config, "vision_use_head", False):
+            built["vision_use_head"] = False
+        if any(getattr(self.vision_config, key) != value for key, value in built.items()):
+            self.vision_config = copy.deepcopy(self.vision_config)
+            for key, value in built.items():
+                setattr(self.vision_config, key, value)
 
     def validate_dense_connector(self):
         """Reject settings the connector cannot run, naming the field and what is allowed."""

@@ -1,6 +1,5 @@
 """PyTorch Dense Connector model: a LLaVA-style model whose connector reads several vision-encoder layers."""
 
-import copy
 import os
 import tempfile
 from dataclasses import dataclass
@@ -12,6 +11,8 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.hub import hf_api
 
@@ -48,6 +49,9 @@ class DenseConnectorCausalLMOutputWithPast(ModelOutput):
     video_hidden_states: torch.Tensor | None = None
 
 
+TOWER_KWARGS = ("output_hidden_states", "output_attentions")  # what get_*_features pass to the tower
+
+
 def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
     """The tower's list of transformer layers (CLIP, SigLIP and most transformers vision models keep it here)."""
     for path in ("encoder.layers", "vision_model.encoder.layers", "encoder.layer"):
@@ -59,6 +63,16 @@ def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
     raise ValueError(
         f"{type(vision_tower).__name__} has no `encoder.layers`; Dense Connector supports vision towers whose "
         "transformer layers live there (CLIP, SigLIP, ...)."
+    )
+
+
+def features_output(tower_outputs: ModelOutput, features: list[torch.Tensor]) -> BaseModelOutputWithPooling:
+    """`get_*_features`' result, as Llava's: the tower's outputs, with the projected features as `pooler_output`."""
+    return BaseModelOutputWithPooling(
+        last_hidden_state=tower_outputs.last_hidden_state,
+        pooler_output=features,
+        hidden_states=tower_outputs.hidden_states,
+        attentions=tower_outputs.attentions,
     )
 
 
@@ -89,8 +103,8 @@ class DenseConnector(nn.Module):
 
     def collect_hidden_states(
         self, vision_tower: nn.Module, pixel_values: torch.Tensor, **kwargs
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run the tower once; return `F` and the extra states (STI/SCI layers, or DCI group means).
+    ) -> tuple[ModelOutput, torch.Tensor, list[torch.Tensor]]:
+        """Run the tower once; return its outputs, `F` and the extra states (STI/SCI layers, or DCI group means).
 
         Hooks on the encoder layers keep only what the connector reads. A DCI group is summed in float32 as
         its states go by and becomes its mean, in the tower's dtype, as soon as its last state is added: no group
@@ -132,7 +146,7 @@ class DenseConnector(nn.Module):
         handles = [layer.register_forward_pre_hook(keep_input(i), with_kwargs=True) for i, layer in enumerate(layers)]
         handles.append(encoder.register_forward_hook(keep_output, with_kwargs=True))
         try:
-            vision_tower(pixel_values, **kwargs)
+            outputs = vision_tower(pixel_values, return_dict=True, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -142,7 +156,7 @@ class DenseConnector(nn.Module):
         extras = [state.to(final.device, final.dtype) for state in extras]
         if self.drop_cls:
             final, extras = final[:, 1:], [state[:, 1:] for state in extras]
-        return final, extras
+        return outputs, final, extras
 
     def downsample(self, features: torch.Tensor) -> torch.Tensor:
         """Efficient Dense Connector: bilinear downsampling of the square patch grid, per side."""
@@ -166,10 +180,18 @@ class DenseConnector(nn.Module):
             return torch.cat([final, *pooled], dim=1)
         return torch.cat([final, *extras], dim=-1)
 
-    def forward(self, vision_tower: nn.Module, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-        """`(num_images, C, H, W)` pixels to `(num_images, tokens, text_hidden_size)` features."""
-        fused = self.fuse(*self.collect_hidden_states(vision_tower, pixel_values, **kwargs))
-        return self.projector(fused)  # the separate states are freed before the projector's wider activations
+    def forward(
+        self, vision_tower: nn.Module, pixel_values: torch.Tensor, **kwargs
+    ) -> tuple[ModelOutput, torch.Tensor]:
+        """`(num_images, C, H, W)` pixels to the tower's outputs and `(num_images, tokens, text_hidden_size)` features.
+
+        `kwargs` (`output_hidden_states`, `output_attentions`) go to the tower, whose outputs are returned as it gives
+        them.
+        """
+        outputs, final, extras = self.collect_hidden_states(vision_tower, pixel_values, **kwargs)
+        fused = self.fuse(final, extras)
+        del final, extras  # the separate states are freed before the projector's wider activations
+        return outputs, self.projector(fused)
 
 
 MODEL_CARD = """---
@@ -209,31 +231,7 @@ class DenseConnectorPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # the hidden-state hooks and per-image AnyRes shapes are not graph-friendly
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """Load as transformers does, but refuse a checkpoint whose tensors do not match the model.
-
-        transformers only warns about missing tensors (and initialises them at random) and about extra ones; a
-        Dense Connector checkpoint with either is broken or belongs to another model, so it is an error here.
-        """
-        return_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        problems = {
-            kind: sorted(info.get(key) or [])
-            for kind, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"))
-        }
-        if not hasattr(model, "lm_head"):  # the base model loaded from a checkpoint with a head
-            problems["unexpected"] = [name for name in problems["unexpected"] if not name.startswith("lm_head.")]
-        if any(problems.values()):
-            listed = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in problems.items() if names)
-            raise ValueError(
-                f"The checkpoint does not match {cls.__name__} built from its config ({listed}). It is incomplete "
-                "or was saved from a different model; convert original checkpoints with "
-                "conversion_scripts/convert_dense_connector_to_hf.py."
-            )
-        return (model, info) if return_info else model
+    _can_compile_fullgraph = True  # decoding steps; the tower's hooks and AnyRes shapes run at the (eager) prefill
 
     def model_card(self) -> str:
         """A model card naming the architecture, connector, tower and language model."""
@@ -288,6 +286,17 @@ class DenseConnectorPreTrainedModel(PreTrainedModel):
                 revision=revision,
             )
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False, so that tensors missing from a checkpoint get each sub-model's own initialisation.
+
+        For custom code transformers treats a module whose own parameters are all set as initialised; a module with
+        no parameters of its own (CLIP's attention and MLP, whose weights sit in child `nn.Linear`s) is then skipped,
+        and its children keep the generic std-0.02 init. Our `_init_weights` uses the guarded init functions, so the
+        standard path is correct for it.
+        """
+        return False
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, DenseConnectorModel) and module.image_newline is not None:
@@ -300,12 +309,8 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
 
     def __init__(self, config: DenseConnectorConfig):
         super().__init__(config)
-        # Layers after the deepest hidden state the connector reads are never built nor run.
-        vision_config = copy.deepcopy(config.vision_config)
-        vision_config.num_hidden_layers = config.num_vision_layers_used
-        if getattr(vision_config, "vision_use_head", False):
-            vision_config.vision_use_head = False
-        self.vision_tower = AutoModel.from_config(vision_config)
+        # `vision_config` holds only the layers up to the deepest hidden state the connector reads (see the config).
+        self.vision_tower = AutoModel.from_config(config.vision_config)
         self.connector = DenseConnector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         anyres = config.image_grid_pinpoints is not None
@@ -359,42 +364,48 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
 
     @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
     ) -> BaseModelOutputWithPooling:
-        """Project images into the LM's embedding space.
+        """Encode images with the tower and project them into the LM's embedding space.
 
         `pixel_values` is `(num_images, C, H, W)`, or `(num_images, max_tiles, C, H, W)` with AnyRes, in which case
-        `image_sizes` (`(num_images, 2)`, original height and width) is required. `pooler_output` holds one
-        `(tokens, hidden)` tensor per image: exactly what replaces that image's placeholders.
+        `image_sizes` (`(num_images, 2)`, original height and width) is required. As Llava's, the result holds the
+        tower's outputs (`last_hidden_state` of tower width, one row per image or AnyRes tile; `hidden_states` and
+        `attentions` when asked) and, in `pooler_output`, one `(tokens, text_hidden_size)` tensor per image: exactly
+        what replaces that image's placeholders.
         """
-        kwargs = {k: v for k, v in kwargs.items() if k in ("output_attentions",)}
+        kwargs = {k: v for k, v in kwargs.items() if k in TOWER_KWARGS}
         anyres = self.config.image_grid_pinpoints is not None
         self._check_pixels(pixel_values, "(num_images, tiles, channels, height, width)" if anyres else None)
         if not anyres:
-            features = self.connector(self.vision_tower, pixel_values.to(self.vision_tower.dtype), **kwargs)
-            return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=list(features))
+            outputs, features = self.connector(self.vision_tower, pixel_values.to(self.vision_tower.dtype), **kwargs)
+            return features_output(outputs, list(features))
 
         if image_sizes is None:
             raise ValueError("AnyRes needs image_sizes (each image's original height and width) with pixel_values.")
         grids = self._tiles_per_image(image_sizes)
         counts = [1 + rows * cols for rows, cols in grids]
         tiles = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, counts)], dim=0)
-        features = self.connector(self.vision_tower, tiles.to(self.vision_tower.dtype), **kwargs)
+        outputs, features = self.connector(self.vision_tower, tiles.to(self.vision_tower.dtype), **kwargs)
         per_image = torch.split(features, counts, dim=0)
         merged = [
             self._merge_anyres(image_tiles, grid, tuple(size))
             for image_tiles, grid, size in zip(per_image, grids, image_sizes.tolist())
         ]
-        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=merged)
+        return features_output(outputs, merged)
 
     @can_return_tuple
-    def get_video_features(self, pixel_values_videos: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+    def get_video_features(
+        self, pixel_values_videos: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
         """Project videos into the LM's embedding space, training-free (FreeVA style, as the paper evaluates video).
 
         `pixel_values_videos` is `(num_videos, frames, C, H, W)`. Every frame goes through the tower, connector and
         projector like an image; its tokens are max-pooled by `video_pool_stride`; the frames are joined in time order.
-        `pooler_output` holds one `(frames * tokens, hidden)` tensor per video. A video longer than the language
-        model's `max_position_embeddings` is refused before the tower runs.
+        The result holds the tower's outputs over all frames (`last_hidden_state` of shape `(num_videos * frames,
+        patches, vision_hidden_size)`; `hidden_states` and `attentions` when asked) and, in `pooler_output`, one
+        `(frames * tokens, text_hidden_size)` tensor per video. A video longer than the language model's
+        `max_position_embeddings` is refused before the tower runs.
         """
         if pixel_values_videos.dim() != 5:
             raise ValueError(
@@ -404,12 +415,13 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         num_videos, num_frames = pixel_values_videos.shape[:2]
         self._check_video_length(num_frames)
         frames = pixel_values_videos.flatten(0, 1).to(self.vision_tower.dtype)
-        features = self.connector(self.vision_tower, frames)
+        kwargs = {k: v for k, v in kwargs.items() if k in TOWER_KWARGS}
+        outputs, features = self.connector(self.vision_tower, frames, **kwargs)
         stride = self.config.video_pool_stride
         if stride > 1:
             features = F.max_pool1d(features.transpose(1, 2), stride, stride).transpose(1, 2)
         videos = features.reshape(num_videos, num_frames * features.shape[1], features.shape[-1])
-        return BaseModelOutputWithPooling(last_hidden_state=videos, pooler_output=list(videos))
+        return features_output(outputs, list(videos))
 
     def _check_video_length(self, num_frames: int) -> None:
         """Refuse, before the tower runs, a video whose tokens alone exceed the LM's `max_position_embeddings`."""
@@ -458,7 +470,7 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         image_sizes: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> DenseConnectorModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -527,10 +539,14 @@ class DenseConnectorForConditionalGeneration(DenseConnectorPreTrainedModel, Gene
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs):
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, image_sizes=image_sizes, **kwargs)
 
-    def get_video_features(self, pixel_values_videos: torch.Tensor, **kwargs):
+    def get_video_features(
+        self, pixel_values_videos: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
         return self.model.get_video_features(pixel_values_videos, **kwargs)
 
     @can_return_tuple
@@ -547,7 +563,7 @@ class DenseConnectorForConditionalGeneration(DenseConnectorPreTrainedModel, Gene
         image_sizes: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> DenseConnectorCausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,

@@ -7,6 +7,8 @@ import transformers
 from transformers import BatchFeature, PilBackend, ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import MultiModalData
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+from transformers.utils import logging
 from transformers.video_utils import is_batched_video, is_valid_video
 
 from .configuration_dense_connector import num_anyres_tokens, num_tile_tokens, num_video_tokens
@@ -256,6 +258,7 @@ class DenseConnectorProcessor(ProcessorMixin):
                     sample_replacements.append(queue.pop(0))
                 sequences.append(self._tokenize(sample, add_special_tokens, sample_replacements))
             sequences = [self._truncate(ids, text_kwargs) for ids in sequences]
+            self._warn_if_long(sequences)
             padded = self.tokenizer.pad(
                 {"input_ids": sequences},
                 padding=text_kwargs.get("padding", False),
@@ -320,6 +323,18 @@ class DenseConnectorProcessor(ProcessorMixin):
             raise ValueError(
                 f"The prompts contain {found} {token} placeholder(s) but {num_given} {modality}(s) were given; pass "
                 f"exactly one {modality} per {token}, in order."
+            )
+
+    def _warn_if_long(self, sequences: list[list[int]]) -> None:
+        """Warn (the model no longer refuses: RoPE scaling and packed rows make longer inputs valid) when a prompt,
+        placeholders included, is longer than the tokenizer's `model_max_length`."""
+        limit = self.tokenizer.model_max_length
+        longest = max((len(ids) for ids in sequences), default=0)
+        if limit is not None and limit < VERY_LARGE_INTEGER and longest > limit:
+            logging.get_logger(__name__).warning(
+                f"A prompt is {longest} tokens long (image and video placeholders included), more than the "
+                f"tokenizer's model_max_length={limit}; unless the language model's RoPE is scaled for it, shorten "
+                "the text or use fewer images, frames or tiles."
             )
 
     def _truncate(self, ids: list[int], text_kwargs: dict) -> list[int]:

@@ -1,0 +1,111 @@
+"""Compiled static-cache decoding: DCI vs transformers' Llava, both compiled the same way.
+
+`generate(..., cache_implementation="static", compile_config=CompileConfig(fullgraph=True))` compiles the decoding
+steps (the prefill, which encodes the image, runs eagerly). Same tower weights and the same language-model modules
+(shared) for both models, same prompt text and image-token count. Each model first generates once eagerly and once
+compiled (compilation happens there; the compiled ids are compared with the eager ones); then the timed rounds
+alternate the models (A, B, A, B, ...). Decode is the time of one later step, best over all steps of all rounds, read
+from a logits processor that stamps every step.
+
+    .venv/bin/python bench/bench_compile.py                      # CPU: CLIP-L width 2 layers, Llama-7B width x2
+    .venv/bin/python bench/bench_compile.py --device cuda --dtype bfloat16 --tower-layers 24 --image-size 336 \
+        --lm-layers 32 --new-tokens 64
+"""
+
+import argparse
+import time
+
+import torch
+from bench_generate import StepClock, prompt
+from common import (
+    add_model_arguments,
+    build_dense_connector,
+    build_llava,
+    clock,
+    describe_language_model,
+    describe_machine,
+    describe_tower,
+    setup,
+)
+from transformers import CompileConfig, LogitsProcessorList
+
+
+def compile_config() -> CompileConfig:
+    config = CompileConfig(fullgraph=True)
+    config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    return config
+
+
+def generate(model, input_ids, pixel_values, args, compiled: bool, now=None) -> tuple[torch.Tensor, list[float]]:
+    """Greedy static-cache `generate` of `args.new_tokens` tokens; its ids and the seconds of each decoding step."""
+    step_clock = StepClock(now or clock(args))
+    extra = {"compile_config": compile_config()} if compiled else {"disable_compile": True}
+    ids = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        pixel_values=pixel_values,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        do_sample=False,
+        cache_implementation="static",
+        logits_processor=LogitsProcessorList([step_clock]),
+        pad_token_id=0,
+        **extra,
+    )
+    stamps = step_clock.stamps
+    return ids, [later - earlier for earlier, later in zip(stamps, stamps[1:])]
+
+
+def run(args) -> dict[str, tuple[float, float]]:
+    torch._dynamo.reset()
+    llava = build_llava(args)
+    models = {"llava": llava, "dci": build_dense_connector(args, llava, "dci")}
+    size = llava.config.vision_config.image_size
+    pixel_values = torch.randn(1, 3, size, size, device=args.device, dtype=getattr(torch, args.dtype))
+    num_patches = (size // llava.config.vision_config.patch_size) ** 2
+    assert models["dci"].config.num_image_tokens() == num_patches
+    input_ids = prompt(num_patches, args.device)
+
+    eager, compiled, compile_seconds, same_ids = {}, {name: [] for name in models}, {}, {}
+    with torch.inference_mode():
+        for name, model in models.items():
+            ids, steps = generate(model, input_ids, pixel_values, args, compiled=False)
+            eager[name] = min(steps)
+            start = time.perf_counter()
+            compiled_ids, _ = generate(model, input_ids, pixel_values, args, compiled=True)
+            compile_seconds[name] = time.perf_counter() - start
+            same_ids[name] = torch.equal(compiled_ids, ids)  # in half precision, fused kernels may flip near-ties
+        for _ in range(args.reps):
+            for name, model in models.items():
+                compiled[name] += generate(model, input_ids, pixel_values, args, compiled=True)[1]
+    best = {name: min(steps) for name, steps in compiled.items()}
+
+    tower = describe_tower(llava.config.vision_config)
+    language_model = describe_language_model(llava.config.text_config)
+    print(f"# compiled static-cache decoding, {tower}, {language_model}, {args.new_tokens} new tokens: ", end="")
+    print(describe_machine(args))
+    columns = ("eager s/tok", "compiled s/tok", "x eager", "x llava", "first run s", "eager ids")
+    print(f"{'model':<8}" + "".join(f"{column:>16}" for column in columns))
+    for name in models:
+        values = (
+            f"{eager[name]:.4f}", f"{best[name]:.4f}", f"{best[name] / eager[name]:.3f}",
+            f"{best[name] / best['llava']:.3f}", f"{compile_seconds[name]:.1f}",
+            "same" if same_ids[name] else "differ",
+        )  # fmt: skip
+        print(f"{name:<8}" + "".join(f"{value:>16}" for value in values))
+    print("first run s: the first compiled generate (compilation); eager ids: whether the compiled greedy ids equal")
+    print("the eager ones (float32: they must; bfloat16/float16: fused kernels may flip near-ties of random weights)")
+    return {name: (eager[name], best[name]) for name in models}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser, tower_layers=2, lm_layers=2, image_size=224)
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per run")
+    args = parser.parse_args()
+    setup(args)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
