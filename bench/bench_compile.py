@@ -21,13 +21,14 @@ from common import (
     add_model_arguments,
     build_dense_connector,
     build_llava,
-    clock,
     describe_language_model,
     describe_machine,
     describe_tower,
     setup,
 )
 from transformers import CompileConfig, LogitsProcessorList
+
+from dense_connector.measurement import clock
 
 
 def compile_config() -> CompileConfig:
@@ -38,7 +39,7 @@ def compile_config() -> CompileConfig:
 
 def generate(model, input_ids, pixel_values, args, compiled: bool, now=None) -> tuple[torch.Tensor, list[float]]:
     """Greedy static-cache `generate` of `args.new_tokens` tokens; its ids and the seconds of each decoding step."""
-    step_clock = StepClock(now or clock(args))
+    step_clock = StepClock(now or clock(args.device, args.threads))
     extra = {"compile_config": compile_config()} if compiled else {"disable_compile": True}
     ids = model.generate(
         input_ids=input_ids,
