@@ -4,10 +4,8 @@ Runs in .venv-vllm (`make test-vllm`). Every comparison is greedy, 12 new tokens
 `generate()` of the same checkpoint in transformers. vLLM's CPU attention needs heads of at least 32 channels, so the
 converted fixtures' language model (4 heads of 16) is read as 2 heads of 32, in vLLM and transformers alike.
 
-Prompts given as text or chat messages are tokenised by vLLM as a whole, which does not yet reproduce the original's
-chunk-wise ids (the `▁` the original puts after each image): those prompt-id comparisons are `xfail(strict=True)`
-until the converted tokenizers tokenise whole prompts faithfully; their outputs are still compared with transformers
-run on the ids vLLM used.
+Prompts given as text or chat messages are tokenised by vLLM as a whole; the converted tokenizers reproduce the
+original's chunk-wise ids that way (the `▁` after each image included), so those prompt ids are compared too.
 """
 
 import base64
@@ -51,10 +49,6 @@ ENGINE = {
     "skip_mm_profiling": True,
     "limit_mm_per_prompt": {"image": 2},
 }
-WHOLE_PROMPT_TOKENISATION = pytest.mark.xfail(
-    strict=True,
-    reason="vLLM tokenises the whole prompt; the tokenizers do not yet put the original's `▁` after each image",
-)
 
 
 def convert_fixture(name: str, output: Path) -> Path:
@@ -145,7 +139,6 @@ def test_text_prompt_gives_transformers_outputs(served):
         assert list(output.outputs[0].token_ids) == reference.generate(output.prompt_token_ids, case_images)
 
 
-@WHOLE_PROMPT_TOKENISATION
 def test_text_prompt_ids_are_the_processors(served):
     _, llm, reference, prompt, images = served
     output = llm.generate({"prompt": prompt, "multi_modal_data": {"image": images[:1]}}, GREEDY)[0]
@@ -183,7 +176,6 @@ def test_chat_messages_give_transformers_outputs(served):
         assert list(output.outputs[0].token_ids) == reference.generate(output.prompt_token_ids, images[:count])
 
 
-@WHOLE_PROMPT_TOKENISATION
 def test_chat_prompt_ids_are_the_processors(served):
     _, llm, reference, _, images = served
     messages = chat("Describe the picture in detail.")
@@ -289,7 +281,6 @@ def test_openai_server_answers_as_transformers(server, demo_reference):
     assert choice["message"]["content"] == answer_text
 
 
-@WHOLE_PROMPT_TOKENISATION
 def test_openai_server_prompt_ids_are_the_processors(server, demo_reference):
     image = make_examples(1, seed=11)[0].image
     response = server_chat(server, image, "How many shapes are there?")
