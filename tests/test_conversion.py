@@ -468,7 +468,12 @@ def test_push_to_hub_uploads_the_complete_folder(pushed):
     uploaded = pushed["uploaded"]
     config = json.loads((uploaded / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"].endswith("DenseConnectorForConditionalGeneration")
-    for name in ("configuration_dense_connector.py", "modeling_dense_connector.py", "processing_dense_connector.py"):
+    for name in (
+        "configuration_dense_connector.py",
+        "connector_dense_connector.py",
+        "modeling_dense_connector.py",
+        "processing_dense_connector.py",
+    ):
         assert (uploaded / name).is_file(), name
     processor_config = json.loads((uploaded / "processor_config.json").read_text())
     assert processor_config["auto_map"]["AutoProcessor"].endswith("DenseConnectorProcessor")

@@ -92,7 +92,7 @@ def test_pads_on_the_left_for_batched_generation(demo):
     assert [text.strip() for text in batched] == alone
 
 
-@pytest.mark.parametrize("name", ["configuration", "modeling", "processing"])
+@pytest.mark.parametrize("name", ["configuration", "connector", "modeling", "processing"])
 def test_checkpoint_code_is_the_package_code(name):
     """The checkpoint ships copies of the package's files for trust_remote_code; they must not go stale."""
     shipped = (CHECKPOINT / f"{name}_dense_connector.py").read_text()

@@ -14,7 +14,12 @@ from tiny import run_without_package, tiny_config, tiny_model, tiny_processor
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
-CODE_FILES = ("configuration_dense_connector.py", "modeling_dense_connector.py", "processing_dense_connector.py")
+CODE_FILES = (
+    "configuration_dense_connector.py",
+    "connector_dense_connector.py",  # imported relatively by the modeling file, so save_pretrained copies it too
+    "modeling_dense_connector.py",
+    "processing_dense_connector.py",
+)
 
 LOAD_AND_RUN = """
 import torch

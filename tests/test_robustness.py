@@ -228,7 +228,13 @@ def test_only_safetensors_are_written(saved):
 
 REMOTE_FILES = sorted(
     path
-    for pattern in ("configuration_*.py", "modeling_*.py", "processing_*.py", "image_processing_*.py")
+    for pattern in (
+        "configuration_*.py",
+        "connector_*.py",
+        "modeling_*.py",
+        "processing_*.py",
+        "image_processing_*.py",
+    )
     for path in (REPO / "dense_connector").glob(pattern)
 )
 FORBIDDEN_MODULES = {"socket", "subprocess", "pickle", "marshal", "shelve", "urllib", "http", "requests", "ftplib"}

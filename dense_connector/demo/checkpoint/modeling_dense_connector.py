@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
 from transformers.processing_utils import Unpack
@@ -17,6 +16,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.hub import hf_api
 
 from .configuration_dense_connector import DenseConnectorConfig, select_best_resolution, unpadded_grid_size
+from .connector_dense_connector import DenseConnector
 
 
 try:
@@ -52,20 +52,6 @@ class DenseConnectorCausalLMOutputWithPast(ModelOutput):
 TOWER_KWARGS = ("output_hidden_states", "output_attentions")  # what get_*_features pass to the tower
 
 
-def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
-    """The tower's list of transformer layers (CLIP, SigLIP and most transformers vision models keep it here)."""
-    for path in ("encoder.layers", "vision_model.encoder.layers", "encoder.layer"):
-        module = vision_tower
-        for name in path.split("."):
-            module = getattr(module, name, None)
-        if isinstance(module, nn.ModuleList):
-            return module
-    raise ValueError(
-        f"{type(vision_tower).__name__} has no `encoder.layers`; Dense Connector supports vision towers whose "
-        "transformer layers live there (CLIP, SigLIP, ...)."
-    )
-
-
 def features_output(tower_outputs: ModelOutput, features: list[torch.Tensor]) -> BaseModelOutputWithPooling:
     """`get_*_features`' result, as Llava's: the tower's outputs, with the projected features as `pooler_output`."""
     return BaseModelOutputWithPooling(
@@ -74,124 +60,6 @@ def features_output(tower_outputs: ModelOutput, features: list[torch.Tensor]) ->
         hidden_states=tower_outputs.hidden_states,
         attentions=tower_outputs.attentions,
     )
-
-
-class DenseConnector(nn.Module):
-    """Selects hidden states from the vision tower, fuses them by connector type, and projects them to the LM width.
-
-    The tower runs under hooks that keep only what the connector reads: the final feature, the STI/SCI
-    layers, and running sums for the DCI groups (never the whole stack of hidden states).
-    """
-
-    def __init__(self, config: DenseConnectorConfig):
-        super().__init__()
-        self.connector_type = config.dense_connector_type
-        self.feature_layer = config.feature_layer_index
-        self.layers = list(config.dense_connector_layers or []) if self.connector_type in ("sti", "sci") else []
-        self.groups = [list(g) for g in config.dense_connector_groups or []] if self.connector_type == "dci" else []
-        self.drop_cls = config.vision_feature_select_strategy == "default"
-        self.sti_pool_stride = config.sti_pool_stride
-        self.downsample_factor = config.image_downsample_factor
-
-        in_features = config.vision_config.hidden_size * config.num_connector_states
-        hidden_size = config.text_config.hidden_size
-        bias = config.multimodal_projector_bias
-        layers = [nn.Linear(in_features, hidden_size, bias=bias)]
-        for _ in range(config.projector_depth - 1):
-            layers += [ACT2FN[config.projector_hidden_act], nn.Linear(hidden_size, hidden_size, bias=bias)]
-        self.projector = nn.Sequential(*layers)
-
-    def collect_hidden_states(
-        self, vision_tower: nn.Module, pixel_values: torch.Tensor, **kwargs
-    ) -> tuple[ModelOutput, torch.Tensor, list[torch.Tensor]]:
-        """Run the tower once; return its outputs, `F` and the extra states (STI/SCI layers, or DCI group means).
-
-        Hooks on the encoder layers keep only what the connector reads. A DCI group is summed in float32 as
-        its states go by and becomes its mean, in the tower's dtype, as soon as its last state is added: no group
-        ever holds its 12-13 states, and with contiguous groups only one float32 running sum exists at a time.
-        """
-        singles = {self.feature_layer, *self.layers}
-        kept: dict[int, torch.Tensor] = {}
-        sums: dict[int, torch.Tensor] = {}
-        means: dict[int, torch.Tensor] = {}
-        grad_enabled = torch.is_grad_enabled()  # the caller's, even where a checkpointed layer runs its hooks
-
-        def keep(index: int, state: torch.Tensor) -> None:
-            with torch.set_grad_enabled(grad_enabled):
-                if index in singles:
-                    kept[index] = state
-                for g, group in enumerate(self.groups):
-                    if index not in group:
-                        continue
-                    if g in sums:
-                        sums[g].add_(state.to(sums[g].device))
-                    else:  # a copy: the state itself is the next layer's input and must stay untouched
-                        sums[g] = state.to(torch.float32, copy=True)
-                    if index == max(group):
-                        means[g] = sums.pop(g).div_(len(group)).to(state.dtype)
-
-        def keep_input(layer_index: int):
-            def hook(module, args, kwargs):
-                keep(layer_index, args[0] if args else kwargs["hidden_states"])
-
-            return hook
-
-        def keep_output(module, args, kwargs, output):
-            keep(len(layers), output if isinstance(output, torch.Tensor) else output[0])
-
-        # Each state is read where the graph sees it, outside the layers' activation checkpointing (which wraps the
-        # layer hooks too before transformers 5.23): `hs[i]` as layer i's input, the last one as the encoder's output.
-        layers = encoder_layers(vision_tower)
-        encoder = next(module for module in vision_tower.modules() if layers in module.children())
-        handles = [layer.register_forward_pre_hook(keep_input(i), with_kwargs=True) for i, layer in enumerate(layers)]
-        handles.append(encoder.register_forward_hook(keep_output, with_kwargs=True))
-        try:
-            outputs = vision_tower(pixel_values, return_dict=True, **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
-
-        final = kept[self.feature_layer]
-        extras = [means[g] for g in range(len(self.groups))] if self.groups else [kept[i] for i in self.layers]
-        extras = [state.to(final.device, final.dtype) for state in extras]
-        if self.drop_cls:
-            final, extras = final[:, 1:], [state[:, 1:] for state in extras]
-        return outputs, final, extras
-
-    def downsample(self, features: torch.Tensor) -> torch.Tensor:
-        """Efficient Dense Connector: bilinear downsampling of the square patch grid, per side."""
-        if self.downsample_factor == 1:
-            return features
-        batch, tokens, channels = features.shape
-        side = int(tokens**0.5)
-        grid = features.transpose(1, 2).reshape(batch, channels, side, side)
-        size = side // self.downsample_factor
-        grid = F.interpolate(grid.float(), size=(size, size), mode="bilinear", align_corners=False)
-        return grid.to(features.dtype).flatten(2).transpose(1, 2)
-
-    def fuse(self, final: torch.Tensor, extras: list[torch.Tensor]) -> torch.Tensor:
-        """Combine `F` with the extra states: STI appends pooled tokens, SCI/DCI concatenate channels."""
-        final, extras = self.downsample(final), [self.downsample(state) for state in extras]
-        if self.connector_type == "sti":
-            pooled = [
-                F.avg_pool1d(state.transpose(1, 2), self.sti_pool_stride, self.sti_pool_stride).transpose(1, 2)
-                for state in extras
-            ]
-            return torch.cat([final, *pooled], dim=1)
-        return torch.cat([final, *extras], dim=-1)
-
-    def forward(
-        self, vision_tower: nn.Module, pixel_values: torch.Tensor, **kwargs
-    ) -> tuple[ModelOutput, torch.Tensor]:
-        """`(num_images, C, H, W)` pixels to the tower's outputs and `(num_images, tokens, text_hidden_size)` features.
-
-        `kwargs` (`output_hidden_states`, `output_attentions`) go to the tower, whose outputs are returned as it gives
-        them.
-        """
-        outputs, final, extras = self.collect_hidden_states(vision_tower, pixel_values, **kwargs)
-        fused = self.fuse(final, extras)
-        del final, extras  # the separate states are freed before the projector's wider activations
-        return outputs, self.projector(fused)
 
 
 MODEL_CARD = """---
