@@ -5,7 +5,8 @@ processor carry the hooks its backend needs (`DenseConnectorProcessor._get_num_m
 `return_text_replacement_offsets=True`, `AutoModel` in the config's `auto_map`). This module adds what vLLM cannot do
 by itself: `token_prompt` tokenises a prompt with the checkpoint's processor, exactly as the original code does (each
 chunk between images on its own), and hands vLLM those ids with one placeholder per image, which vLLM expands again.
-vLLM itself tokenises a text prompt whole, which can give other ids around the images.
+vLLM itself tokenises a text prompt whole: the tokenizers of converted checkpoints and of the demo give the same ids
+that way (tested), but a tokenizer not written by this package may not.
 """
 
 from collections.abc import Sequence
