@@ -101,8 +101,9 @@ def check_loading_info(model_id: str, info: dict) -> None:
     transformers only warns (and initialises missing tensors at random); chatting with such a model would give
     meaningless answers, so the CLI stops instead.
     """
-    problems = [(kind, sorted(info.get(f"{kind}_keys") or [])) for kind in ("missing", "unexpected")]
-    problems = [f"{kind} tensors: {', '.join(names)}" for kind, names in problems if names]
+    from dense_connector.conversion.verify import loading_problems  # the conversion's own check of a written folder
+
+    problems = loading_problems(info)
     if problems:
         raise UsageError(
             f"{model_id} is incomplete or does not match its config ({'; '.join(problems)}); convert the original "
