@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny import FIXTURES, tiny_config, tiny_model, tiny_processor
-from transformers import AutoProcessor, LlavaImageProcessorPil, LlavaNextImageProcessorPil
+from tiny import FIXTURES, anyres_processor, tiny_config, tiny_model, tiny_processor
+from transformers import AutoProcessor, LlavaImageProcessorPil
 
 from dense_connector import DenseConnectorProcessor
 
@@ -169,22 +169,7 @@ def test_anyres_batch_of_differently_sized_images():
     pinpoints = [[32, 64], [64, 32], [64, 64], [96, 32]]
     config = tiny_config("siglip", "dci", image_grid_pinpoints=pinpoints)
     model = tiny_model(config)
-    square = {"height": 32, "width": 32}
-    image_processor = LlavaNextImageProcessorPil(
-        image_grid_pinpoints=pinpoints,
-        do_pad=True,
-        size=square,
-        crop_size=square,
-        do_center_crop=False,
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-    )
-    processor = DenseConnectorProcessor(
-        image_processor=image_processor,
-        tokenizer=tiny_processor(config).tokenizer,
-        patch_size=4,
-        dense_connector_type="dci",
-    )
+    processor = anyres_processor(config)
     images = [_image(100, 30, seed=1), _image(20, 70, seed=2), _image(50, 50, seed=3)]
     texts = [f"<image>\nImage {i}?" for i in range(3)]
     batch = processor(images=images, text=texts, padding=True, padding_side="left", return_tensors="pt")

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import tiny_config, tiny_model, tiny_processor
-from transformers import AutoModel, LlavaNextImageProcessorPil
+from tiny import anyres_processor, tiny_config, tiny_model, tiny_processor
+from transformers import AutoModel
 
-from dense_connector import DenseConnectorModel, DenseConnectorProcessor
+from dense_connector import DenseConnectorModel
 from dense_connector.integrations.vllm import token_prompt
 
 
@@ -20,22 +20,6 @@ def image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 SIZES = [(30, 41), (90, 20), (64, 64), (17, 200)]
-
-
-def anyres_processor(config) -> DenseConnectorProcessor:
-    square = {"height": 32, "width": 32}
-    image_processor = LlavaNextImageProcessorPil(
-        image_grid_pinpoints=config.image_grid_pinpoints,
-        do_pad=True,
-        size=square,
-        crop_size=square,
-        do_center_crop=False,
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-    )
-    return DenseConnectorProcessor(
-        image_processor=image_processor, tokenizer=tiny_processor(config).tokenizer, patch_size=4
-    )
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip", "sti", "anyres"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, LlavaImageProcessorPil
+from transformers import AutoTokenizer, LlavaImageProcessorPil, LlavaNextImageProcessorPil
 
 from dense_connector import DenseConnectorConfig, DenseConnectorForConditionalGeneration, DenseConnectorProcessor
 
@@ -137,6 +137,26 @@ except ImportError:
 else:
     raise SystemExit("dense_connector is still importable")
 """
+
+
+def anyres_processor(config: DenseConnectorConfig) -> DenseConnectorProcessor:
+    """AnyRes preprocessing for the config's `image_grid_pinpoints` and a 32 px SigLIP-style tower (patch 4)."""
+    square = {"height": 32, "width": 32}
+    image_processor = LlavaNextImageProcessorPil(
+        image_grid_pinpoints=config.image_grid_pinpoints,
+        do_pad=True,
+        size=square,
+        crop_size=square,
+        do_center_crop=False,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    return DenseConnectorProcessor(
+        image_processor=image_processor,
+        tokenizer=tiny_processor(config).tokenizer,
+        patch_size=4,
+        dense_connector_type=config.dense_connector_type,
+    )
 
 
 def run_without_package(script: str, tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
