@@ -149,10 +149,9 @@ def demo_sample() -> VQAExample:
     )
 
 
-@torch.no_grad()
-def answer(model, processor, images: list[Image.Image], questions: list[str], max_new_tokens: int = 8) -> list[str]:
-    """Greedy answers of a model to one question per image, in one left-padded batch."""
-    prompts = [
+def question_prompts(processor, questions: list[str]) -> list[str]:
+    """The chat prompt of each question about one image, ready for the assistant's answer."""
+    return [
         processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
             add_generation_prompt=True,
@@ -160,6 +159,12 @@ def answer(model, processor, images: list[Image.Image], questions: list[str], ma
         )
         for question in questions
     ]
+
+
+@torch.no_grad()
+def answer(model, processor, images: list[Image.Image], questions: list[str], max_new_tokens: int = 8) -> list[str]:
+    """Greedy answers of a model to one question per image, in one left-padded batch."""
+    prompts = question_prompts(processor, questions)
     inputs = processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
     inputs = inputs.to(model.device)
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

@@ -20,6 +20,7 @@ from dense_connector.demo_data import (
     evaluate,
     make_examples,
     make_splits,
+    question_prompts,
     random_scene,
 )
 
@@ -76,15 +77,7 @@ def test_pads_on_the_left_for_batched_generation(demo):
     assert processor.tokenizer.padding_side == "left"
     examples = make_examples(6, seed=TEST_SEED)
     images, questions = [e.image for e in examples], [e.questions[0] for e in examples]
-    prompts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        for question in questions
-    ]
-    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    inputs = processor(images=images, text=question_prompts(processor, questions), padding=True, return_tensors="pt")
     assert len(set(inputs["attention_mask"].sum(1).tolist())) > 1, "the batch should need padding"
     output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     batched = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
