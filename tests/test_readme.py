@@ -1,4 +1,5 @@
-"""Every runnable snippet of README.md runs, so the README cannot drift from the code.
+"""Every runnable snippet of README.md and docs/*.md runs, and every relative link between them resolves, so the
+documentation cannot drift from the code.
 
 Runnable snippets are the ```python blocks and the ```bash blocks whose first command is `dense-connector ...` or
 `python ...`, except those with the line `<!-- no-test -->` just before the opening fence (use it for snippets that
@@ -31,6 +32,7 @@ from tiny import REPO
 
 
 README = REPO / "README.md"
+PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
 NO_TEST = "<!-- no-test -->"
 FENCE = re.compile(r"^```(\w+)\s*$")
 RUNNABLE_BASH = re.compile(r"^(dense-connector|python3?)\b")
@@ -38,12 +40,13 @@ RUNNABLE_BASH = re.compile(r"^(dense-connector|python3?)\b")
 
 @dataclass(frozen=True)
 class Snippet:
+    page: str  # README.md or docs/NAME.md
     language: str  # "python" or "bash"
     line: int  # 1-based line of the opening fence
     code: str
 
 
-def extract_snippets(markdown: str) -> list[Snippet]:
+def extract_snippets(markdown: str, name: str = "README.md") -> list[Snippet]:
     """The runnable snippets of a markdown text, in order (see the module docstring for which ones)."""
     lines = markdown.splitlines()
     snippets, index = [], 0
@@ -54,20 +57,24 @@ def extract_snippets(markdown: str) -> list[Snippet]:
             continue
         end = next((i for i in range(index + 1, len(lines)) if lines[i].strip() == "```"), None)
         if end is None:
-            raise ValueError(f"README.md:{index + 1}: code block without a closing fence")
+            raise ValueError(f"{name}:{index + 1}: code block without a closing fence")
         code = "\n".join(lines[index + 1 : end]) + "\n"
         language = match.group(1)
         skipped = index > 0 and lines[index - 1].strip() == NO_TEST
         commands = [line.strip() for line in code.splitlines() if line.strip() and not line.strip().startswith("#")]
         if not skipped and language == "python":
-            snippets.append(Snippet("python", index + 1, code))
+            snippets.append(Snippet(name, "python", index + 1, code))
         elif not skipped and language in ("bash", "sh") and commands and RUNNABLE_BASH.match(commands[0]):
-            snippets.append(Snippet("bash", index + 1, code))
+            snippets.append(Snippet(name, "bash", index + 1, code))
         index = end + 1
     return snippets
 
 
-SNIPPETS = extract_snippets(README.read_text()) if README.is_file() else []
+def page_name(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+SNIPPETS = [snippet for page in PAGES if page.is_file() for snippet in extract_snippets(page.read_text(), page_name(page))]
 
 
 def test_snippet_extraction_rules():
@@ -121,11 +128,11 @@ def workdir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("snippet", SNIPPETS, ids=[f"README.md:{s.line}-{s.language}" for s in SNIPPETS])
+@pytest.mark.parametrize("snippet", SNIPPETS, ids=[f"{s.page}:{s.line}-{s.language}" for s in SNIPPETS])
 def test_readme_snippet_runs(snippet, workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     if snippet.language == "python":
-        exec(compile(snippet.code, f"README.md:{snippet.line}", "exec"), {"__name__": "__main__"})
+        exec(compile(snippet.code, f"{snippet.page}:{snippet.line}", "exec"), {"__name__": "__main__"})
         return
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     result = subprocess.run(
@@ -136,4 +143,50 @@ def test_readme_snippet_runs(snippet, workdir, monkeypatch):
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, f"README.md:{snippet.line} failed:\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == 0, f"{snippet.page}:{snippet.line} failed:\n{result.stdout}\n{result.stderr}"
+
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's anchors for the headings of a markdown text (lower case, punctuation dropped, spaces to dashes)."""
+    headings = [line.lstrip("#").strip() for line in strip_code(markdown).splitlines() if line.startswith("#")]
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+def strip_code(markdown: str) -> str:
+    """The text outside fenced code blocks (whose `#` lines are comments, not headings)."""
+    return re.sub(r"^```.*?^```", "", markdown, flags=re.MULTILINE | re.DOTALL)
+
+
+def broken_links(page: Path) -> list[str]:
+    """The relative links of a page whose file, or heading anchor, does not exist."""
+    broken = []
+    for target in LINK.findall(strip_code(page.read_text())):
+        if re.match(r"^[a-z]+:", target):  # http(s), mailto: not checked offline
+            continue
+        path, _, anchor = target.partition("#")
+        resolved = (page.parent / path).resolve() if path else page
+        if not resolved.exists():
+            broken.append(target)
+        elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved.read_text()):
+            broken.append(target)
+    return broken
+
+
+def test_link_checker_finds_broken_links(tmp_path):
+    (tmp_path / "a.md").write_text("# Top\n## Several GPUs\n[ok](b.md) [ok](#several-gpus) [no](c.md) [no](b.md#x)\n")
+    (tmp_path / "b.md").write_text("# B\n```bash\n# not a heading\n```\n")
+    assert broken_links(tmp_path / "a.md") == ["c.md", "b.md#x"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_name)
+def test_links_resolve(page):
+    assert not broken_links(page), f"{page_name(page)} links to what does not exist: {broken_links(page)}"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {target.partition("#")[0] for target in LINK.findall(README.read_text())}
+    missing = [page_name(page) for page in PAGES[1:] if page_name(page) not in linked]
+    assert not missing, f"README.md does not link {missing}"

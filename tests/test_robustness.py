@@ -1,6 +1,6 @@
 """Bad inputs, untrusted checkpoints and shipped remote code: each case works correctly or fails with one clear error.
 
-`BAD_INPUTS` is the catalogue the README's robustness table lists (a test checks they agree): every entry is run
+`BAD_INPUTS` is the catalogue the robustness table of docs/robustness.md lists (a test checks they agree): every entry is run
 against a tiny CLIP-DCI model and its processor.
 """
 
@@ -123,10 +123,10 @@ def test_bad_input(case, action, expected, tmp_path):
             action(tmp_path)
 
 
-def test_readme_lists_every_bad_input():
-    readme = (REPO / "README.md").read_text()
-    missing = [case for case, _, _ in BAD_INPUTS if f"| {case} |" not in readme]
-    assert not missing, f"README's robustness table lacks {missing}"
+def test_docs_list_every_bad_input():
+    page = (REPO / "docs" / "robustness.md").read_text()
+    missing = [case for case, _, _ in BAD_INPUTS if f"| {case} |" not in page]
+    assert not missing, f"docs/robustness.md's table lacks {missing}"
 
 
 def test_mixed_batch_matches_separate_runs():
