@@ -74,7 +74,9 @@ def page_name(path: Path) -> str:
     return str(path.relative_to(REPO))
 
 
-SNIPPETS = [snippet for page in PAGES if page.is_file() for snippet in extract_snippets(page.read_text(), page_name(page))]
+SNIPPETS = [
+    snippet for page in PAGES if page.is_file() for snippet in extract_snippets(page.read_text(), page_name(page))
+]
 
 
 def test_snippet_extraction_rules():

@@ -1,6 +1,6 @@
 """Bad inputs, untrusted checkpoints and shipped remote code: each case works correctly or fails with one clear error.
 
-`BAD_INPUTS` is the catalogue the robustness table of docs/robustness.md lists (a test checks they agree): every entry is run
+`BAD_INPUTS` is the catalogue the table of docs/robustness.md lists (a test checks they agree): every entry is run
 against a tiny CLIP-DCI model and its processor.
 """
 
