@@ -20,7 +20,7 @@ from tiny import FIXTURES
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import dense_connector
-from dense_connector import cli
+from dense_connector import checkpoints, cli
 from dense_connector.conversion import convert_checkpoint
 
 
@@ -230,7 +230,7 @@ def test_hub_checkpoint_in_the_original_format_gets_the_conversion_hint(capsys, 
         downloads.append((repo_id, filename))
         return str(FIXTURES / "clip_dci" / "original" / filename)
 
-    monkeypatch.setattr(cli, "hf_hub_download", fake_download)
+    monkeypatch.setattr(checkpoints, "hf_hub_download", fake_download)
     code, out, err = run(
         capsys, "chat", "--model", "HuanjinYao/DenseConnector-v1.5-7B", "--image", image_paths[0], "Q"
     )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from . import demo_tasks
+from . import shapes_task
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ BENCHMARKS = {
     ),
     "pope": Benchmark("POPE", "pope", "pope/pope.yaml", "pope_f1_score", 100),
     "mme": Benchmark("MME", "mme", "mme/mme.yaml", "mme_perception_score"),
-    "shapes": Benchmark("Shapes (demo)", demo_tasks.TASK, "", "exact_match", 100),
+    "shapes": Benchmark("Shapes (demo)", shapes_task.TASK, "", "exact_match", 100),
 }
 PAPER = ("textvqa", "sqa", "gqa", "llava-w", "mmbench", "mm-vet", "mmmu", "mathvista", "pope", "mme")
 
@@ -145,7 +145,7 @@ def write_task_files(names: list[str], data_dir: Path | None, folder: Path) -> l
             if local is None or not local.is_dir():
                 raise ValueError("the shapes benchmark needs --data-dir with the demo data (see --write-demo-data)")
             cache = cache_dir_for(local, folder).resolve()
-            (folder / f"{benchmark.task}.yaml").write_text(demo_tasks.task_yaml(local.resolve(), cache))
+            (folder / f"{benchmark.task}.yaml").write_text(shapes_task.task_yaml(local.resolve(), cache))
             tasks.append(benchmark.task)
         elif local is not None and local.is_dir():
             task = f"{benchmark.task}_local"

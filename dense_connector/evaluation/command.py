@@ -11,6 +11,7 @@ file per GPU, merged in order, as the original scripts do.
 import argparse
 from pathlib import Path
 
+from ..checkpoints import UsageError, check_checkpoint
 from .generator import GenerationSettings
 
 
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write-demo-data", type=Path, metavar="DIR", help="write the synthetic demo data and exit")
 
 
-def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.write_demo_data:
         from .demo_tasks import write_demo_data
 
@@ -55,24 +56,22 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
             print('(the lmms-eval datasets need the eval extra: pip install -e ".[eval]")')
         return 0
     if not args.model:
-        raise usage_error("give --model (a converted checkpoint folder or Hub id)")
-    from dense_connector.cli import check_checkpoint
-
+        raise UsageError("give --model (a converted checkpoint folder or Hub id)")
     check_checkpoint(args.model)  # a clear message for a folder that is not a converted checkpoint
     gpus = [gpu.strip() for gpu in args.gpus.split(",")] if args.gpus else []
     if args.question_file:
-        return answer_questions(args, gpus, usage_error)
-    return run_lmms_eval(args, gpus, usage_error)
+        return answer_questions(args, gpus)
+    return run_lmms_eval(args, gpus)
 
 
-def answer_questions(args: argparse.Namespace, gpus: list[str], usage_error: type[Exception]) -> int:
+def answer_questions(args: argparse.Namespace, gpus: list[str]) -> int:
     from .generator import Answerer, load_pretrained
     from .llava_format import answer_file, chunk, model_id, read_questions, run_on_gpus
 
     if not args.answers_file:
-        raise usage_error("give --answers-file for the answers to --question-file")
+        raise UsageError("give --answers-file for the answers to --question-file")
     if not args.question_file.is_file():
-        raise usage_error(f"question file not found: {args.question_file}")
+        raise UsageError(f"question file not found: {args.question_file}")
     if len(gpus) > 1:
         base = ["--model", args.model, "--question-file", str(args.question_file)]
         base += ["--image-folder", str(args.image_folder), "--batch-size", str(args.batch_size), "--dtype", args.dtype]
@@ -82,7 +81,7 @@ def answer_questions(args: argparse.Namespace, gpus: list[str], usage_error: typ
     try:
         questions = chunk(read_questions(args.question_file), args.num_chunks, args.chunk_idx)
     except ValueError as error:
-        raise usage_error(str(error)) from error
+        raise UsageError(str(error)) from error
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     device = f"cuda:{gpus[0]}" if gpus else args.device
     answerer = Answerer(*load_pretrained(args.model, device, args.dtype))
@@ -100,20 +99,20 @@ def answer_questions(args: argparse.Namespace, gpus: list[str], usage_error: typ
     return 0
 
 
-def run_lmms_eval(args: argparse.Namespace, gpus: list[str], usage_error: type[Exception]) -> int:
+def run_lmms_eval(args: argparse.Namespace, gpus: list[str]) -> int:
     try:
         import lmms_eval  # noqa: F401
     except ImportError as error:
-        raise usage_error('lmms-eval is not installed; install the eval extra: pip install -e ".[eval]"') from error
+        raise UsageError('lmms-eval is not installed; install the eval extra: pip install -e ".[eval]"') from error
     from .benchmarks import identify_release, parse_benchmarks, run_benchmarks
 
     try:
         names = parse_benchmarks(args.benchmarks)
         identify_release(args.model, args.release)
     except ValueError as error:
-        raise usage_error(str(error)) from error
+        raise UsageError(str(error)) from error
     if args.data_dir and not args.data_dir.is_dir():
-        raise usage_error(f"--data-dir {args.data_dir} is not a folder")
+        raise UsageError(f"--data-dir {args.data_dir} is not a folder")
     model_args = f"dtype={args.dtype}" + (f",device={args.device}" if args.device != "auto" and not gpus else "")
     scores = run_benchmarks(
         args.model, names, args.output, args.data_dir, args.batch_size, args.limit, gpus, model_args, args.release

@@ -5,7 +5,7 @@
 - `llava/questions.jsonl`, `llava/images/*.png` and `llava/expected.jsonl` (the right answers): the authors'
   LLaVA format, for `dense-connector eval --question-file`;
 - `dc_shapes/`: a local dataset (`datasets` parquet folder) for this package's lmms-eval task `dc_shapes`
-  (exact match, the functions below);
+  (exact match, see `shapes_task`);
 - `pope/`: a stand-in for lmms-eval's POPE dataset (same columns: yes/no questions about which colours and shapes
   the image holds), so that the stock POPE task file runs offline.
 
@@ -17,48 +17,8 @@ import random
 from pathlib import Path
 
 from ..demo_data import COLORS, HELDOUT_SEED, POSITIONS, draw_scene, make_examples, random_scene
-
-
-TASK = "dc_shapes"
-TASK_YAML = """\
-task: {task}
-dataset_path: {dataset_path}
-dataset_kwargs:
-  cache_dir: {cache_dir}
-test_split: test
-output_type: generate_until
-doc_to_visual: !function dense_connector.evaluation.demo_tasks.doc_to_visual
-doc_to_text: !function dense_connector.evaluation.demo_tasks.doc_to_text
-doc_to_target: answer
-generation_kwargs:
-  max_new_tokens: 8
-  temperature: 0
-  do_sample: false
-process_results: !function dense_connector.evaluation.demo_tasks.process_results
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
-def doc_to_visual(doc: dict) -> list:
-    return [doc["image"].convert("RGB")]
-
-
-def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
-    return doc["question"]
-
-
-def process_results(doc: dict, results: list[str]) -> dict:
-    return {"exact_match": float(results[0].strip().lower() == doc["answer"])}
-
-
-def task_yaml(dataset_path: Path, cache_dir: Path) -> str:
-    """The `dc_shapes` task file, reading the dataset folder `dataset_path` (cached in `cache_dir`)."""
-    return TASK_YAML.format(
-        task=TASK, dataset_path=json.dumps(str(dataset_path)), cache_dir=json.dumps(str(cache_dir))
-    )
+from .benchmarks import write_task_files
+from .shapes_task import TASK
 
 
 def pope_rows(num_images: int, seed: int) -> list[dict]:
@@ -125,8 +85,6 @@ def write_demo_data(folder: str | Path, num_images: int = 16, seed: int = HELDOU
         (folder / name / "data").mkdir(parents=True, exist_ok=True)
         table.to_parquet(str(folder / name / "data" / "test-00000-of-00001.parquet"))
     write_gqa(folder / "gqa", examples)
-    from .benchmarks import write_task_files
-
     write_task_files(["shapes", "pope", "gqa"], folder, folder / "tasks")
     return [folder / "llava", folder / TASK, folder / "pope", folder / "gqa", folder / "tasks"]
 

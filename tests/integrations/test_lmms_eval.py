@@ -22,7 +22,8 @@ from lmms_eval.models import get_model
 from lmms_eval.tasks import TaskManager
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from dense_connector.evaluation.demo_tasks import TASK, write_demo_data
+from dense_connector.evaluation.demo_tasks import write_demo_data
+from dense_connector.evaluation.shapes_task import TASK
 from dense_connector.integrations.lmms_eval import DenseConnectorLMM
 
 
