@@ -3,7 +3,7 @@
 Runs in lmms-eval's own environment (`make test-eval`: .venv-eval with the eval extra), never in `make test`.
 Every answer lmms-eval records must equal transformers' own `generate` run one question at a time, at batch sizes 1
 and 8, and the scores must be what those answers earn; the stock POPE and GQA task files run against local stand-ins;
-and the README's Evaluation commands run as written.
+and the demo commands of docs/evaluation.md run as written.
 """
 
 import json
@@ -133,16 +133,15 @@ def test_answers_and_scores_equal_generate_one_by_one_at_batch_sizes_1_and_8(lm,
         assert output["results"]["gqa_local"]["exact_match,none"] == pytest.approx(gqa_accuracy)
 
 
-def readme_evaluation_commands() -> list[str]:
-    """The bash blocks of the README's Evaluation section that run on the demo checkpoint (those naming it)."""
-    section = REPO.joinpath("README.md").read_text().split("\n## Evaluation", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+def documented_evaluation_commands() -> list[str]:
+    """The bash blocks of docs/evaluation.md that run on the demo checkpoint (those naming it)."""
+    blocks = re.findall(r"```bash\n(.*?)```", REPO.joinpath("docs", "evaluation.md").read_text(), flags=re.S)
     return [block for block in blocks if "dense_connector/demo/checkpoint" in block]
 
 
-def test_readme_commands_run_offline_as_written(tmp_path):
-    commands = readme_evaluation_commands()
-    assert commands, "the README lost its demo evaluation commands"
+def test_documented_commands_run_offline_as_written(tmp_path):
+    commands = documented_evaluation_commands()
+    assert commands, "docs/evaluation.md lost its demo evaluation commands"
     (tmp_path / "dense_connector").symlink_to(REPO / "dense_connector")  # commands are written for the repo root
     env = {**os.environ, **OFFLINE, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     for command in commands:
