@@ -65,11 +65,12 @@ def make_backend(model: str | None, device: str = "auto", openai_base_url: str |
     """An `OpenAIBackend` for `openai_base_url`, else a `LocalBackend` of `model` (None = the bundled demo)."""
     if openai_base_url:
         return OpenAIBackend(openai_base_url, **openai)
+    name = model
     if model is None:
         with bundled_demo() as (checkpoint, _):
-            model = str(checkpoint)
+            model, name = str(checkpoint), "the bundled demo checkpoint"
     loaded, processor = load_checkpoint(model, device)
-    return LocalBackend(loaded, processor, model)
+    return LocalBackend(loaded, processor, name)
 
 
 def create_app(backend, max_image_pixels: int = MAX_IMAGE_PIXELS) -> gr.Blocks:
@@ -91,25 +92,25 @@ def create_app(backend, max_image_pixels: int = MAX_IMAGE_PIXELS) -> gr.Blocks:
         settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=temperature, top_p=top_p)
         stop = sessions.start(request.session_hash)
         answer = ""
-        yield shown, conversation, gr.MultimodalTextbox(value=None)
+        yield shown, shown, conversation, gr.MultimodalTextbox(value=None)
         try:
             for answer in backend.stream([*conversation, user], settings, stop):
                 shown[-1]["content"] = answer
-                yield shown, conversation, gr.MultimodalTextbox()
+                yield shown, shown, conversation, gr.MultimodalTextbox()
         except BackendError as error:
             raise gr.Error(str(error)) from error
         finally:
             stop.set()
         reply = {"role": "assistant", "content": [{"type": "text", "text": answer.strip()}]}
         shown[-1]["content"] = answer.strip()
-        yield shown, [*conversation, user, reply], gr.MultimodalTextbox()
+        yield shown, shown, [*conversation, user, reply], gr.MultimodalTextbox()
 
     def stop(request: gr.Request):
         sessions.stop(request.session_hash)
 
     def clear(request: gr.Request):
         sessions.stop(request.session_hash)
-        return [], [], gr.MultimodalTextbox(value=None)
+        return [], [], [], gr.MultimodalTextbox(value=None)
 
     def attention_maps(path):
         if not path:
@@ -124,7 +125,9 @@ def create_app(backend, max_image_pixels: int = MAX_IMAGE_PIXELS) -> gr.Blocks:
         gr.Markdown(f"## Dense Connector\nAnswers from **{backend.name}**.")
         with gr.Tab("Chat"):
             chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot")
-            conversation = gr.State([])
+            # The conversation lives in the session (what the model saw, and what the chat shows), not in the
+            # Chatbot's value, so API clients keep a multi-turn conversation by reusing their session.
+            conversation, history = gr.State([]), gr.State([])
             box = gr.MultimodalTextbox(
                 placeholder="Upload or paste images, then ask about them",
                 file_types=["image"],
@@ -142,12 +145,14 @@ def create_app(backend, max_image_pixels: int = MAX_IMAGE_PIXELS) -> gr.Blocks:
                 max_new_tokens = gr.Slider(1, 2048, value=default_tokens, step=1, label="Max new tokens")
             answering = box.submit(
                 respond,
-                [box, chatbot, conversation, temperature, top_p, max_new_tokens],
-                [chatbot, conversation, box],
+                [box, history, conversation, temperature, top_p, max_new_tokens],
+                [chatbot, history, conversation, box],
                 api_name="chat",
             )
             stop_button.click(stop, None, None, cancels=[answering], api_name="stop")
-            clear_button.click(clear, None, [chatbot, conversation, box], cancels=[answering], api_name="clear")
+            cleared = [chatbot, history, conversation, box]
+            clear_button.click(clear, None, cleared, cancels=[answering], api_name="clear")
+            chatbot.clear(clear, None, cleared, cancels=[answering], api_name=False)
         with gr.Tab("Layer attention"):
             if local:
                 gr.Markdown(
@@ -156,9 +161,9 @@ def create_app(backend, max_image_pixels: int = MAX_IMAGE_PIXELS) -> gr.Blocks:
                     "framed in red: `F` the final feature, `STI`/`SCI` layers, DCI groups `G1`, `G2`, ..."
                 )
                 with gr.Row():
-                    picture = gr.Image(type="filepath", label="Image", elem_id="attention-image")
-                    grid = gr.Image(type="pil", label="Attention per layer", elem_id="attention-maps")
-                draw = gr.Button("Show attention", variant="primary", elem_id="draw")
+                    picture = gr.Image(type="filepath", label="Image", height=240, elem_id="attention-image")
+                    draw = gr.Button("Show attention", variant="primary", scale=0, elem_id="draw")
+                grid = gr.Image(type="pil", format="png", show_label=False, elem_id="attention-maps")
                 draw.click(attention_maps, picture, grid, api_name="attention_maps")
             else:
                 gr.Markdown("Layer attention needs the model's weights here; start the app without --openai-base-url.")

@@ -3,7 +3,7 @@
 Both backends take a conversation in transformers' chat format (user turns hold `{"type": "image", "image": PIL}`
 and `{"type": "text", "text": ...}` items) and yield the answer so far, one token (or one streamed chunk) at a time.
 `LocalBackend` renders the conversation with the checkpoint's own chat template, generates in a thread with
-`TextIteratorStreamer`, and stops at the checkpoint's stop tokens (its generation config's `eos_token_id`, set from
+a token-level `TextIteratorStreamer`, and stops at the checkpoint's stop tokens (its generation config's `eos_token_id`, set from
 `chat_templates.stop_token_ids` when the checkpoint was converted) or when the caller's `threading.Event` is set
 (the Stop button). `OpenAIBackend` sends the same conversation, images as data URLs, to `/v1/chat/completions` with
 `stream=true` (a vLLM server of the serving docs, so one UI fronts many GPUs) and reads its server-sent events.
@@ -37,6 +37,24 @@ class StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class TokenStreamer(TextIteratorStreamer):
+    """`TextIteratorStreamer` that hands on each token's text as soon as it decodes to whole characters.
+
+    transformers' streamer holds text back until a space ends the word, so answers would arrive a word at a time
+    (and an answer without spaces only at its end); here only an incomplete UTF-8 sequence waits for its next token.
+    """
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.skip_prompt and self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        self.token_cache.extend(value.reshape(-1).tolist())  # one sequence: generation here is never batched
+        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+        if not text.endswith("\ufffd"):
+            self.on_finalized_text(text[self.print_len :])
+            self.print_len = len(text)
+
+
 class LocalBackend:
     """Streams answers of a model and processor loaded in this process (one generation at a time)."""
 
@@ -51,7 +69,7 @@ class LocalBackend:
         inputs = self.processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
         ).to(self.model.device, dtype=self.model.dtype)
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = TokenStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = {
             **inputs,
             **settings.generate_kwargs(),

@@ -53,9 +53,10 @@ def web(args: argparse.Namespace) -> int:
         ) from error
     if args.port < 0 or args.port > 65535:
         raise UsageError(f"--port must be between 0 and 65535, not {args.port}")
+    if args.model and args.openai_base_url:
+        raise UsageError("give --model (a checkpoint to load here) or --openai-base-url (a server to ask), not both")
     openai = {"model": args.openai_model, "api_key": args.openai_api_key} if args.openai_base_url else {}
-    model = None if args.openai_base_url else default_model(args.model)
-    backend = app.make_backend(model, args.device, args.openai_base_url, **openai)
+    backend = app.make_backend(args.model, args.device, args.openai_base_url, **openai)
     limits = {"max_image_pixels": args.max_image_pixels} if args.max_image_pixels else {}
     status(f"serving {backend.name} on http://{args.host}:{args.port} (Ctrl+C stops)")
     app.launch(app.create_app(backend, **limits), args.host, args.port)
