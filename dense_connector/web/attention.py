@@ -24,6 +24,7 @@ PANEL = 224  # pixels per panel side
 HEADER = 22  # pixels above each panel for its label
 LEGEND_LINES = 3  # lines of legend above the grid, wrapped to its width
 LINE = 18
+LEGEND = LEGEND_LINES * LINE + 8  # pixels above the grid
 MAX_COLUMNS = 6
 BACKGROUND = (255, 255, 255)
 MARK_COLOR = (220, 30, 30)
@@ -136,8 +137,7 @@ def heat(values: torch.Tensor) -> Image.Image:
 def draw_attention_grid(result: LayerAttention) -> Image.Image:
     """The maps overlaid on the image, one panel per layer, read layers framed in red and labelled."""
     rows, columns = grid_shape(len(result.maps))
-    legend = LEGEND_LINES * LINE + 8
-    canvas = Image.new("RGB", (columns * PANEL, legend + rows * (HEADER + PANEL)), BACKGROUND)
+    canvas = Image.new("RGB", (columns * PANEL, LEGEND + rows * (HEADER + PANEL)), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=14)
     text = f"{result.reduction} attention, mean over heads. {result.connector}"
@@ -147,7 +147,7 @@ def draw_attention_grid(result: LayerAttention) -> Image.Image:
     for index, values in enumerate(result.maps):
         layer = index + 1
         row, column = divmod(index, columns)
-        left, top = column * PANEL, legend + row * (HEADER + PANEL)
+        left, top = column * PANEL, LEGEND + row * (HEADER + PANEL)
         overlay = heat(values).resize((PANEL, PANEL), Image.Resampling.BILINEAR)
         canvas.paste(Image.blend(base, overlay, 0.55), (left, top + HEADER))
         mark = result.marks.get(layer)

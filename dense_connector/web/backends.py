@@ -2,11 +2,12 @@
 
 Both backends take a conversation in transformers' chat format (user turns hold `{"type": "image", "image": PIL}`
 and `{"type": "text", "text": ...}` items) and yield the answer so far, one token (or one streamed chunk) at a time.
-`LocalBackend` renders the conversation with the checkpoint's own chat template, generates in a thread with
-a token-level `TextIteratorStreamer`, and stops at the checkpoint's stop tokens (its generation config's `eos_token_id`, set from
-`chat_templates.stop_token_ids` when the checkpoint was converted) or when the caller's `threading.Event` is set
-(the Stop button). `OpenAIBackend` sends the same conversation, images as data URLs, to `/v1/chat/completions` with
-`stream=true` (a vLLM server of the serving docs, so one UI fronts many GPUs) and reads its server-sent events.
+`LocalBackend` renders the conversation with the checkpoint's own chat template, generates in a thread with a
+token-level `TextIteratorStreamer`, and stops at the checkpoint's stop tokens (its generation config's
+`eos_token_id`, set from `chat_templates.stop_token_ids` when the checkpoint was converted) or when the caller's
+`threading.Event` is set (the Stop button). `OpenAIBackend` sends the same conversation, images as data URLs, to
+`/v1/chat/completions` with `stream=true` (a vLLM server of the serving docs, so one UI fronts many GPUs) and reads
+its server-sent events.
 """
 
 import base64
