@@ -10,13 +10,12 @@ import os
 from dense_connector.web.app import create_app, launch, make_backend
 
 
-openai_base_url = os.environ.get("OPENAI_BASE_URL")
-openai = {"model": os.environ.get("OPENAI_MODEL"), "api_key": os.environ.get("OPENAI_API_KEY")}
 backend = make_backend(
     os.environ.get("DENSE_CONNECTOR_MODEL"),
     os.environ.get("DENSE_CONNECTOR_DEVICE", "auto"),
-    openai_base_url,
-    **(openai if openai_base_url else {}),
+    os.environ.get("OPENAI_BASE_URL"),
+    os.environ.get("OPENAI_MODEL"),
+    os.environ.get("OPENAI_API_KEY"),
 )
 demo = create_app(backend)
 

@@ -61,10 +61,16 @@ class Sessions:
             self.events.pop(session).set()
 
 
-def make_backend(model: str | None, device: str = "auto", openai_base_url: str | None = None, **openai):
+def make_backend(
+    model: str | None,
+    device: str = "auto",
+    openai_base_url: str | None = None,
+    openai_model: str | None = None,
+    openai_api_key: str | None = None,
+):
     """An `OpenAIBackend` for `openai_base_url`, else a `LocalBackend` of `model` (None = the bundled demo)."""
     if openai_base_url:
-        return OpenAIBackend(openai_base_url, **openai)
+        return OpenAIBackend(openai_base_url, openai_model, openai_api_key)
     name = model
     if model is None:
         with bundled_demo() as (checkpoint, _):

@@ -8,7 +8,7 @@ command line) works without the `web` extra; without it, `web` says which extra 
 import argparse
 from pathlib import Path
 
-from dense_connector.checkpoints import UsageError, bundled_demo, load_checkpoint, status
+from dense_connector.checkpoints import UsageError, bundled_demo, check_checkpoint, load_checkpoint, status
 
 
 def add_web_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +45,10 @@ def default_model(model: str | None) -> str:
 
 
 def web(args: argparse.Namespace) -> int:
+    if args.model and args.openai_base_url:
+        raise UsageError("give --model (a checkpoint to load here) or --openai-base-url (a server to ask), not both")
+    if args.model:
+        check_checkpoint(args.model)  # before the slow Gradio import, so a wrong folder fails at once
     try:
         from dense_connector.web import app
     except ImportError as error:
@@ -53,10 +57,7 @@ def web(args: argparse.Namespace) -> int:
         ) from error
     if args.port < 0 or args.port > 65535:
         raise UsageError(f"--port must be between 0 and 65535, not {args.port}")
-    if args.model and args.openai_base_url:
-        raise UsageError("give --model (a checkpoint to load here) or --openai-base-url (a server to ask), not both")
-    openai = {"model": args.openai_model, "api_key": args.openai_api_key} if args.openai_base_url else {}
-    backend = app.make_backend(args.model, args.device, args.openai_base_url, **openai)
+    backend = app.make_backend(args.model, args.device, args.openai_base_url, args.openai_model, args.openai_api_key)
     limits = {"max_image_pixels": args.max_image_pixels} if args.max_image_pixels else {}
     status(f"serving {backend.name} on http://{args.host}:{args.port} (Ctrl+C stops)")
     app.launch(app.create_app(backend, **limits), args.host, args.port)
