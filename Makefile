@@ -25,10 +25,10 @@ setup: $(VENV)/.installed
 setup-min: $(VENV_MIN)/.installed
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile -q tests --ignore=tests/integrations
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile -q tests --ignore=tests/integrations --ignore=tests/web
 
 test-min: setup-min
-	OMP_NUM_THREADS=1 $(VENV_MIN)/bin/python -m pytest -n 2 --dist loadfile -q tests --ignore=tests/integrations
+	OMP_NUM_THREADS=1 $(VENV_MIN)/bin/python -m pytest -n 2 --dist loadfile -q tests --ignore=tests/integrations --ignore=tests/web
 
 lint: setup
 	$(VENV)/bin/ruff check .
