@@ -25,10 +25,10 @@ setup: $(VENV)/.installed
 setup-min: $(VENV_MIN)/.installed
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile -q tests --ignore=tests/integrations
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile -q tests --ignore=tests/integrations --ignore=tests/web
 
 test-min: setup-min
-	OMP_NUM_THREADS=1 $(VENV_MIN)/bin/python -m pytest -n 2 --dist loadfile -q tests --ignore=tests/integrations
+	OMP_NUM_THREADS=1 $(VENV_MIN)/bin/python -m pytest -n 2 --dist loadfile -q tests --ignore=tests/integrations --ignore=tests/web
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -73,3 +73,25 @@ setup-vllm: $(VLLM_VENV)/.installed
 
 test-vllm: setup-vllm
 	$(VLLM_PY) -m pytest -q tests/integrations/test_vllm.py
+
+# `make test-web` builds .venv-web (the package with its `web` extra, Playwright's Python package) and runs the browser
+# tests against Debian's Chromium (Playwright's own browser downloads are not used), installing it if it is missing.
+VENV_WEB ?= .venv-web
+PY_WEB := $(VENV_WEB)/bin/python
+CHROMIUM ?= /usr/bin/chromium
+
+$(VENV_WEB)/.installed: pyproject.toml
+	python3 -m venv $(VENV_WEB)
+	$(PY_WEB) -m pip install --quiet --upgrade pip
+	$(PY_WEB) -m pip install --quiet torch==2.13.0
+	$(PY_WEB) -m pip install --quiet -e ".[dev,web,web-test]"
+	touch $@
+
+$(CHROMIUM):
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
+.PHONY: setup-web test-web
+setup-web: $(VENV_WEB)/.installed $(CHROMIUM)
+
+test-web: setup-web
+	OMP_NUM_THREADS=1 CHROMIUM=$(CHROMIUM) $(PY_WEB) -m pytest -q tests/web

@@ -4,9 +4,12 @@ A folder or Hub id that is not a converted checkpoint (an original one, another 
 gives a `UsageError` with one line saying what is wrong and what to do; the tools print it without a traceback.
 """
 
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -32,6 +35,13 @@ def status(message: str) -> None:
 def one_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
+
+
+@contextlib.contextmanager
+def bundled_demo() -> Iterator[tuple[Path, Path]]:
+    """Paths of the demo checkpoint and sample image shipped as package data."""
+    with resources.as_file(resources.files("dense_connector") / "demo") as folder:
+        yield folder / "checkpoint", folder / "sample.png"
 
 
 def read_config(model_id: str) -> dict:

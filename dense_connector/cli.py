@@ -5,6 +5,8 @@
     dense-connector convert ...            (see `dense-connector convert --help`)
     dense-connector demo ["question"]      (the bundled demo checkpoint and sample image)
     dense-connector eval --model DIR ...   (benchmarks through lmms-eval, or LLaVA question files; see `eval --help`)
+    dense-connector web [--model DIR_OR_HUB_ID] [--host H] [--port P]   (the Gradio web demo; `web` extra)
+    dense-connector attention-maps --model DIR --image PATH --output maps.png   (each tower layer's attention)
 
 Problems with the input (a missing file, something that is not an image, a folder that is not a Dense Connector
 checkpoint, a Hub id that cannot be reached) are reported as one line on stderr with a non-zero exit code; `--debug`
@@ -12,10 +14,8 @@ shows the full traceback instead.
 """
 
 import argparse
-import contextlib
 import sys
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -23,8 +23,9 @@ from PIL import Image, UnidentifiedImageError
 from transformers import TextStreamer
 from transformers.image_utils import load_image as fetch_image
 
-from dense_connector.checkpoints import PROG, UsageError, load_checkpoint, one_line, status
+from dense_connector.checkpoints import PROG, UsageError, bundled_demo, load_checkpoint, one_line, status
 from dense_connector.evaluation import command as evaluation_command
+from dense_connector.web import command as web_command
 
 
 DEMO_QUESTION = "How many shapes are there?"
@@ -101,13 +102,6 @@ def chat(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def bundled_demo() -> Iterator[tuple[Path, Path]]:
-    """Paths of the demo checkpoint and sample image shipped as package data."""
-    with resources.as_file(resources.files("dense_connector") / "demo") as folder:
-        yield folder / "checkpoint", folder / "sample.png"
-
-
 def demo(args: argparse.Namespace) -> int:
     with bundled_demo() as (checkpoint, sample):
         if args.model is None and not (checkpoint / "config.json").is_file():
@@ -151,7 +145,9 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Dense Connector vision-language models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{chat,convert,demo,eval}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{chat,convert,demo,eval,web,attention-maps}"
+    )
 
     chat_parser = commands.add_parser("chat", help="answer a question about one or more images")
     chat_parser.add_argument("--model", required=True, help="converted checkpoint: a local folder or a Hub id")
@@ -178,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation_command.add_arguments(eval_parser)
     eval_parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    web_command.add_web_arguments(commands.add_parser("web", help="the Gradio web demo (needs the `web` extra)"))
+    web_command.add_attention_arguments(
+        commands.add_parser("attention-maps", help="draw each vision-tower layer's attention on an image, as a PNG")
+    )
     return parser
 
 
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         if "convert" in argv[:2] and argv[: argv.index("convert")] in ([], ["--debug"]):
             return convert(argv[argv.index("convert") + 1 :])
         args = build_parser().parse_args(argv)
-        return {"chat": chat, "demo": demo, "eval": evaluate}[args.command](args)
+        commands = {"chat": chat, "demo": demo, "eval": evaluate, "web": web_command.web}
+        return {**commands, "attention-maps": web_command.attention_maps}[args.command](args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
