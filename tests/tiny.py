@@ -175,6 +175,7 @@ def run_without_package(script: str, tmp_path: Path, timeout: int = 300) -> subp
         capture_output=True,
         text=True,
         timeout=timeout,
+        stdin=subprocess.DEVNULL,  # as a harness or server runs it: a remote-code prompt would fail, not wait
     )
     assert result.returncode == 0, f"remote-code subprocess failed:\n{result.stdout}\n{result.stderr}"
     return result

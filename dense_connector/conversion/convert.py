@@ -16,12 +16,11 @@ from pathlib import Path
 import torch
 from huggingface_hub import HfApi
 from transformers import PreTrainedTokenizerFast
-from transformers.dynamic_module_utils import custom_object_save
 
 from ..chat_templates import CHAT_TEMPLATES
 from ..modeling_dense_connector import DenseConnectorForConditionalGeneration
 from .config import Translation, translate_config
-from .folder import build_generation_config, build_processor, model_card, summarize_dropped
+from .folder import build_generation_config, build_processor, model_card, summarize_dropped, write_code
 from .sources import ConversionError, read_json, resolve_source, source_weights
 from .tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, convert_tokenizer, default_conv_mode, padded_vocab_size
 from .verify import compare_with_golden, load_converted, run_probe
@@ -128,7 +127,7 @@ def write_folder(conversion: Conversion, folder: Path, max_shard_size: int, prog
     """Weights, config with `auto_map` and code, generation config, processor (tokenizer, chat template)."""
     config = conversion.translation.config
     write_weights(conversion.plan, folder, max_shard_size, progress=progress)
-    custom_object_save(conversion.meta_model, folder, config=config)
+    write_code(conversion.meta_model, folder, config)
     config.save_pretrained(folder)
     build_generation_config(conversion.tokenizer, conversion.conv_mode).save_pretrained(folder)
     processor = build_processor(

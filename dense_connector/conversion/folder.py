@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from transformers import GenerationConfig, LlavaImageProcessorPil, LlavaNextImageProcessorPil
+from transformers.dynamic_module_utils import custom_object_save
 
 from ..chat_templates import CHAT_TEMPLATES, stop_token_ids
 from ..modeling_dense_connector import DenseConnectorForConditionalGeneration
@@ -32,6 +33,14 @@ CLIP_PROCESSOR_FIELDS = (
     "image_std",
     "do_convert_rgb",
 )
+
+
+def write_code(model: DenseConnectorForConditionalGeneration, folder: Path, config) -> None:
+    """Copy the remote-code files into `folder` and map the Auto classes to them in `config.auto_map`:
+    `AutoModelForImageTextToText` to the model, and `AutoModel` to its base model, which vLLM's Transformers backend
+    builds from the same folder (it refuses a config without that entry)."""
+    custom_object_save(model, folder, config=config)
+    custom_object_save(model.model, folder, config=config)
 
 
 def image_processor_settings(tower: str, tower_folder: Path, image_size: int) -> dict:
