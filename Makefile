@@ -25,10 +25,10 @@ setup: $(VENV)/.installed
 setup-min: $(VENV_MIN)/.installed
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile -q tests --ignore=tests/integrations
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile -q tests --ignore=tests/integrations --ignore=tests/distributed
 
 test-min: setup-min
-	OMP_NUM_THREADS=1 $(VENV_MIN)/bin/python -m pytest -n 2 --dist loadfile -q tests --ignore=tests/integrations
+	OMP_NUM_THREADS=1 $(VENV_MIN)/bin/python -m pytest -n 2 --dist loadfile -q tests --ignore=tests/integrations --ignore=tests/distributed
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -73,3 +73,13 @@ setup-vllm: $(VLLM_VENV)/.installed
 
 test-vllm: setup-vllm
 	$(VLLM_PY) -m pytest -q tests/integrations/test_vllm.py
+
+# `make test-distributed`: 2-process DDP, FSDP2 and DeepSpeed ZeRO-2/3 training on CPU (gloo) with the configs of
+# examples/accelerate/, see docs/training.md "Several GPUs". DeepSpeed installs into .venv (it keeps torch 2.13).
+$(VENV)/.installed-deepspeed: $(VENV)/.installed
+	$(PY) -m pip install --quiet deepspeed==0.19.8
+	touch $@
+
+.PHONY: test-distributed
+test-distributed: $(VENV)/.installed-deepspeed
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/distributed
