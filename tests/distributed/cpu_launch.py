@@ -1,6 +1,6 @@
 """TEST-ONLY shim: run a training script under `accelerate launch` with FSDP or DeepSpeed on CPU processes.
 
-accelerate enables FSDP and DeepSpeed only on GPU-type process groups (CUDA, XPU, NPU, ...); with `--use_cpu` it sets
+accelerate enables FSDP and DeepSpeed only on GPU-type process groups (CUDA, XPU, NPU, ...); with `--cpu` it sets
 up a gloo process group as `MULTI_CPU` and ignores the FSDP / DeepSpeed plugin the launch config asks for. Both work on
 gloo, so CI can test them without a GPU: this shim lets accelerate set up its CPU process group, then switches the
 state to the distributed type that the launch config (`ACCELERATE_USE_FSDP` / `ACCELERATE_USE_DEEPSPEED`) names, and
@@ -8,7 +8,7 @@ runs the script. For DeepSpeed it also turns off DeepSpeed's shared-memory CPU c
 compile on first use (minutes on CI's two cores): gloo carries the same collectives. It changes nothing else; GPU runs
 never need it.
 
-    accelerate launch --config_file examples/accelerate/fsdp.yaml --use_cpu --num_processes 2 \
+    accelerate launch --config_file examples/accelerate/fsdp.yaml --cpu --num_processes 2 \
         --mixed_precision no tests/distributed/cpu_launch.py examples/finetune.py ARGS...
 """
 
