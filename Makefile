@@ -19,16 +19,19 @@ $(VENV_MIN)/.installed: pyproject.toml
 	$(VENV_MIN)/bin/python -m pip install --quiet -e ".[dev]" transformers==$(TRANSFORMERS_MIN)
 	touch $@
 
+# The integrations, the distributed runs and the browser tests have their own targets below.
+SUITE_IGNORES := --ignore=tests/integrations --ignore=tests/distributed --ignore=tests/web
+
 .PHONY: setup setup-min test test-min lint demo
 setup: $(VENV)/.installed
 
 setup-min: $(VENV_MIN)/.installed
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile -q tests --ignore=tests/integrations --ignore=tests/web
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile -q tests $(SUITE_IGNORES)
 
 test-min: setup-min
-	OMP_NUM_THREADS=1 $(VENV_MIN)/bin/python -m pytest -n 2 --dist loadfile -q tests --ignore=tests/integrations --ignore=tests/web
+	OMP_NUM_THREADS=1 $(VENV_MIN)/bin/python -m pytest -n 2 --dist loadfile -q tests $(SUITE_IGNORES)
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -95,3 +98,13 @@ setup-web: $(VENV_WEB)/.installed $(CHROMIUM)
 
 test-web: setup-web
 	OMP_NUM_THREADS=1 CHROMIUM=$(CHROMIUM) $(PY_WEB) -m pytest -q tests/web
+
+# `make test-distributed`: 2-process DDP, FSDP2 and DeepSpeed ZeRO-2/3 training on CPU (gloo) with the configs of
+# examples/accelerate/, see docs/training.md "Several GPUs". DeepSpeed installs into .venv (it keeps torch 2.13).
+$(VENV)/.installed-deepspeed: $(VENV)/.installed
+	$(PY) -m pip install --quiet deepspeed==0.19.8
+	touch $@
+
+.PHONY: test-distributed
+test-distributed: $(VENV)/.installed-deepspeed
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/distributed

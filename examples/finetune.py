@@ -17,7 +17,14 @@ import sys
 from dataclasses import dataclass, field, fields
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 
 import dense_connector  # noqa: F401  (registers the Dense Connector classes with the Auto classes)
 from dense_connector.training import (
@@ -76,6 +83,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
             "dense_connector.chat_templates.CHAT_TEMPLATES['vicuna_v1']) and save it with the checkpoint."
         )
     dtype = getattr(torch, model_args.dtype) if model_args.dtype else None
+    set_seed(training_args.seed)  # what is initialised here (LoRA) is then the same in every run and on every rank
     model = AutoModelForImageTextToText.from_pretrained(
         model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation
     )
@@ -91,6 +99,10 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
 
     # The collator reads the raw record fields, which the Trainer would otherwise remove.
     training_args.remove_unused_columns = False
+    # Every trainable parameter takes part in every step (a text-only batch runs the tower on a zero image), so DDP
+    # needs no extra pass over the graph to find unused ones; a trained tower has some (its unread last layers).
+    if training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = not model_args.freeze_vision_tower
     collator = DenseConnectorDataCollator(
         processor, image_folder=data_args.image_folder, max_length=data_args.model_max_length
     )

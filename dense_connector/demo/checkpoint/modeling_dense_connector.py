@@ -117,13 +117,19 @@ class DenseConnectorPreTrainedModel(PreTrainedModel):
         """Save as transformers does, plus a `README.md` model card when the folder has none.
 
         A saved model with a head also maps `AutoModel` to its base model in `auto_map`: vLLM's Transformers backend
-        builds the base model with `AutoModel` from the same folder.
+        builds the base model with `AutoModel` from the same folder. A model sharded by FSDP2 (whose class becomes
+        torch's `FSDP<name>` subclass) is saved as its own class, so the folder holds this code, not torch's.
         """
         base = getattr(self, self.base_model_prefix, None)
         if self.is_remote_code() and isinstance(base, DenseConnectorModel):
             entry = f"{type(base).__module__.rsplit('.', 1)[-1]}.{type(base).__name__}"
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": entry}
-        super().save_pretrained(save_directory, *args, **kwargs)
+        sharded_class = type(self)
+        self.__class__ = next(cls for cls in sharded_class.__mro__ if cls.__module__ == __name__)
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = sharded_class
         card = os.path.join(save_directory, "README.md")
         if not os.path.exists(card):
             with open(card, "w", encoding="utf-8") as f:
@@ -302,6 +308,18 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
                 "`num_frames=` when calling it) or keep the per-frame max-pooling on (`video_pool_stride` > 1)."
             )
 
+    def _zero_image_term(self) -> torch.Tensor:
+        """0 x the features of a zero image, for a text-only training batch: as the original (which gives text-only
+        records a zero image it never places), every rank runs the tower and connector at every step, so DDP reduces,
+        and FSDP / ZeRO-3 gather, the same parameters on all ranks."""
+        vision = self.config.vision_config
+        size = (1, vision.num_channels, vision.image_size, vision.image_size)
+        pixels = torch.zeros(size, device=self.vision_tower.device, dtype=self.vision_tower.dtype)
+        term = self.connector(self.vision_tower, pixels)[1].sum()
+        if self.image_newline is not None:
+            term = term + self.image_newline.sum()
+        return 0.0 * term
+
     def _scatter_features(
         self,
         input_ids: torch.LongTensor | None,
@@ -346,6 +364,10 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         mm_encoder_outputs = dict(mm_encoder_outputs or {})
+        if self.training:
+            kwargs.setdefault("use_cache", False)  # as the original; a cache also breaks activation recomputation
+            if pixel_values is None and pixel_values_videos is None and not mm_encoder_outputs:
+                inputs_embeds = inputs_embeds + self._zero_image_term().to(inputs_embeds.dtype)
         if pixel_values is not None:
             if mm_encoder_outputs.get("image") is not None:
                 raise ValueError("Pass either pixel_values or pre-computed image features, not both.")
