@@ -108,3 +108,19 @@ $(VENV)/.installed-deepspeed: $(VENV)/.installed
 .PHONY: test-distributed
 test-distributed: $(VENV)/.installed-deepspeed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/distributed
+
+# `make test-trl` builds .venv-trl (torch first, then the package and TRL 1.16, which keeps transformers 5.23) and runs
+# TRL's SFT, DPO and GRPO trainers on the demo checkpoint.
+TRL_VENV ?= .venv-trl
+$(TRL_VENV)/.installed: pyproject.toml
+	python3 -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TRL_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(TRL_VENV)/bin/python -m pip install --quiet -e . trl==1.16.0 pytest
+	touch $@
+
+.PHONY: setup-trl test-trl
+setup-trl: $(TRL_VENV)/.installed
+
+test-trl: setup-trl
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(TRL_VENV)/bin/python -m pytest -q tests/integrations/test_trl.py
