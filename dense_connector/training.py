@@ -195,6 +195,8 @@ def token_char_starts(processor, text: str, input_ids: list[int]) -> list[int | 
     if input_ids[:1] == [tokenizer.bos_token_id]:
         starts.append(None)
         position = 1
+        if tokenizer.bos_token and text.startswith(tokenizer.bos_token):  # the template's BOS: the text starts after
+            bounds[0] = len(tokenizer.bos_token)
     for chunk_start, chunk_end in zip(bounds[0::2], bounds[1::2]):
         encoded = tokenizer(text[chunk_start:chunk_end], add_special_tokens=False, return_offsets_mapping=True)
         chunk_ids = encoded["input_ids"]
@@ -263,7 +265,7 @@ class DenseConnectorDataCollator:
         messages, image_refs = record_to_messages(record, self.processor.image_token)
         images = [self.load_image(image) for image in image_refs]
         text, spans = assistant_spans(self.processor, messages)
-        # The processor's rendered text leaves the BOS to the processor, which adds it as the original's training does.
+        # The rendered text starts with the template's BOS; the processor adds no second one.
         encoded = self.processor(images=images or None, text=text, return_tensors="pt")
         input_ids = encoded["input_ids"][0].tolist()
         labels = mask_labels(input_ids, token_char_starts(self.processor, text, input_ids), spans)
