@@ -87,7 +87,11 @@ def conversations() -> Dataset:
     return Dataset.from_list([{"messages": messages, "images": images} for _, messages, images in chat_records()])
 
 
-def train_and_save(trainer, output: Path) -> list[dict]:
+def train_and_save(trainer_class, args, dataset: Dataset, output: Path, **trainer_kwargs) -> list[dict]:
+    """Trains the demo checkpoint with `trainer_class` for `args`' steps and saves it; returns the logged losses."""
+    trainer = trainer_class(
+        model=demo_model(), args=args, train_dataset=dataset, processing_class=demo_processor(), **trainer_kwargs
+    )
     trainer.train()
     trainer.save_model(str(output))
     return [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -96,10 +100,7 @@ def train_and_save(trainer, output: Path) -> list[dict]:
 @pytest.mark.parametrize("assistant_only_loss", [False, True], ids=["all_tokens", "assistant_only"])
 def test_sft_on_conversations(assistant_only_loss, outputs):
     args = SFTConfig(output_dir=str(outputs / "run"), assistant_only_loss=assistant_only_loss, **STEPS)
-    trainer = SFTTrainer(
-        model=demo_model(), args=args, train_dataset=conversations(), processing_class=demo_processor()
-    )
-    logs = train_and_save(trainer, outputs / f"sft_{assistant_only_loss}")
+    logs = train_and_save(SFTTrainer, args, conversations(), outputs / f"sft_{assistant_only_loss}")
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
 
 
@@ -125,10 +126,7 @@ def test_sft_prompt_completion(outputs):
         for item in single_turns()
     ]
     args = SFTConfig(output_dir=str(outputs / "run"), **STEPS)
-    trainer = SFTTrainer(
-        model=demo_model(), args=args, train_dataset=Dataset.from_list(rows), processing_class=demo_processor()
-    )
-    logs = train_and_save(trainer, outputs / "sft_prompt_completion")
+    logs = train_and_save(SFTTrainer, args, Dataset.from_list(rows), outputs / "sft_prompt_completion")
     assert len(logs) == 2
 
 
@@ -143,10 +141,7 @@ def test_dpo(outputs):
         for item in single_turns()
     ]
     args = DPOConfig(output_dir=str(outputs / "run"), **STEPS)
-    trainer = DPOTrainer(
-        model=demo_model(), args=args, train_dataset=Dataset.from_list(rows), processing_class=demo_processor()
-    )
-    logs = train_and_save(trainer, outputs / "dpo")
+    logs = train_and_save(DPOTrainer, args, Dataset.from_list(rows), outputs / "dpo")
     assert len(logs) == 2
 
 
@@ -159,14 +154,7 @@ def count_reward(completions, **kwargs) -> list[float]:
 def test_grpo(outputs):
     rows = [{"prompt": question(item), "images": item["images"]} for item in single_turns()]
     args = GRPOConfig(output_dir=str(outputs / "run"), num_generations=2, max_completion_length=4, **STEPS)
-    trainer = GRPOTrainer(
-        model=demo_model(),
-        reward_funcs=count_reward,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=demo_processor(),
-    )
-    logs = train_and_save(trainer, outputs / "grpo")
+    logs = train_and_save(GRPOTrainer, args, Dataset.from_list(rows), outputs / "grpo", reward_funcs=count_reward)
     assert len(logs) == 2
 
 
