@@ -196,18 +196,18 @@ class DenseConnectorProcessor(ProcessorMixin):
         return torch.stack(pixel_values), counts
 
     def _tokenize(
-        self, text: str, add_special_tokens: bool, replacements: list[tuple[str, int, int]]
+        self, text: str, adds_bos: bool, replacements: list[tuple[str, int, int]]
     ) -> tuple[list[int], list[tuple[int, int]]]:
         """Chunk-by-chunk tokenisation of one prompt; each placeholder expanded to its run of placeholder ids.
 
         BOS strings leading the text become BOS ids and the text after them is tokenised as the start of a text, as
-        the original's prompt (which has no BOS string) is; the tokenizer's BOS is added only when the text does not
-        already start with the BOS the chat template writes. Also returns each token's character span in the text
+        the original's prompt (which has no BOS string) is; the tokenizer's BOS is added (`adds_bos`: special tokens
+        are added and the tokenizer adds a BOS) only when the text does not already start with the BOS the chat
+        template writes. Also returns each token's character span in the text
         with every placeholder expanded to its run (`(0, 0)` for an added BOS), as `return_offsets_mapping` reports.
         """
         bos, bos_id = self.tokenizer.bos_token, self.tokenizer.bos_token_id
         leading = leading_count(text, bos) if bos and bos_id is not None else 0
-        adds_bos = add_special_tokens and bos_id is not None and self.tokenizer("")["input_ids"][:1] == [bos_id]
         template = self.chat_template if isinstance(self.chat_template, str) else None
         add_bos = adds_bos and leading < template_bos_count(template, bos)
         input_ids, offsets = ([bos_id], [(0, 0)]) if add_bos else ([], [])
@@ -293,7 +293,9 @@ class DenseConnectorProcessor(ProcessorMixin):
             self._check_counts(text, self.video_token, 0, "video")
 
         if text is not None:
-            add_special_tokens = text_kwargs.pop("add_special_tokens", True)
+            bos_id = self.tokenizer.bos_token_id
+            adds_bos = text_kwargs.pop("add_special_tokens", True) and bos_id is not None
+            adds_bos = adds_bos and self.tokenizer("")["input_ids"][:1] == [bos_id]
             image_queue, video_queue = list(replacements), list(video_replacements)
             return_offsets_mapping = text_kwargs.pop("return_offsets_mapping", False)
             sequences, offsets = [], []
@@ -302,7 +304,7 @@ class DenseConnectorProcessor(ProcessorMixin):
                 for match in re.finditer("|".join(re.escape(t) for t in (self.image_token, self.video_token)), sample):
                     queue = image_queue if match.group(0) == self.image_token else video_queue
                     sample_replacements.append(queue.pop(0))
-                ids, spans = self._tokenize(sample, add_special_tokens, sample_replacements)
+                ids, spans = self._tokenize(sample, adds_bos, sample_replacements)
                 sequences.append(self._truncate(ids, text_kwargs))
                 offsets.append(spans[: len(sequences[-1])])
             self._warn_if_long(sequences)
