@@ -6,7 +6,9 @@ steps (the prefill, which encodes the image, runs eagerly). Same tower weights a
 compiled (compilation happens there; the compiled ids are compared with the eager ones); then the timed rounds
 alternate the models (A, B, A, B, ...). Decode is the time of one later step, best over all steps of all rounds, read
 from a logits processor that stamps every step; the spread is the DCI/Llava ratio of each round's best steps (rounds
-are side by side, so a loaded machine slows both alike), as its median and range.
+are side by side, so a loaded machine slows both alike), as its median and range. TorchDynamo's counters show what
+each model's compiled decoding is made of: graphs compiled, operations captured in them, graph breaks, and any graph
+compiled during the timed rounds (a recompilation there would be a guard failing on a later step).
 
     .venv/bin/python bench/bench_compile.py                      # CPU: CLIP-L width 2 layers, Llama-7B width x2
     .venv/bin/python bench/bench_compile.py --device cuda --dtype bfloat16 --tower-layers 24 --image-size 336 \
@@ -27,6 +29,7 @@ from common import (
     describe_tower,
     setup,
 )
+from torch._dynamo.utils import counters
 from transformers import CompileConfig, LogitsProcessorList
 
 from dense_connector.measurement import clock
@@ -58,6 +61,15 @@ def generate(model, input_ids, pixel_values, args, compiled: bool, now=None) -> 
     return ids, [later - earlier for earlier, later in zip(stamps, stamps[1:])]
 
 
+def dynamo_counts() -> dict[str, int]:
+    """What TorchDynamo compiled since its counters were last cleared."""
+    return {
+        "graphs": counters["stats"]["unique_graphs"],
+        "operations captured": counters["stats"]["calls_captured"],
+        "graph breaks": sum(counters["graph_break"].values()),
+    }
+
+
 def run(args) -> dict[str, tuple[float, float]]:
     torch._dynamo.reset()
     llava = build_llava(args)
@@ -69,15 +81,19 @@ def run(args) -> dict[str, tuple[float, float]]:
     input_ids = prompt(num_patches, args.device)
 
     eager, compiled, compile_seconds, same_ids = {}, {name: [] for name in models}, {}, {}
+    graphs = {}  # TorchDynamo's counts for each model's first compiled generate
     rounds = []  # each round's best DCI step over its best Llava step
     with torch.inference_mode():
         for name, model in models.items():
             ids, steps = generate(model, input_ids, pixel_values, args, compiled=False)
             eager[name] = min(steps)
+            counters.clear()
             start = time.perf_counter()
             compiled_ids, _ = generate(model, input_ids, pixel_values, args, compiled=True)
             compile_seconds[name] = time.perf_counter() - start
+            graphs[name] = dynamo_counts()
             same_ids[name] = torch.equal(compiled_ids, ids)  # in half precision, fused kernels may flip near-ties
+        counters.clear()
         for _ in range(args.reps):
             best_of_round = {}
             for name, model in models.items():
@@ -85,6 +101,7 @@ def run(args) -> dict[str, tuple[float, float]]:
                 compiled[name] += steps
                 best_of_round[name] = min(steps)
             rounds.append(best_of_round["dci"] / best_of_round["llava"])
+    timed_compilations = dynamo_counts()["graphs"]
     best = {name: min(steps) for name, steps in compiled.items()}
 
     tower = describe_tower(llava.config.vision_config)
@@ -103,6 +120,9 @@ def run(args) -> dict[str, tuple[float, float]]:
     rounds.sort()
     print(f"dci / llava per round ({args.reps} rounds): median {rounds[len(rounds) // 2]:.3f}, "
           f"range {rounds[0]:.3f}-{rounds[-1]:.3f}")  # fmt: skip
+    for name, counts in graphs.items():
+        print(f"{name}: " + ", ".join(f"{count} {what}" for what, count in counts.items()))
+    print(f"graphs compiled during the timed rounds (recompilations): {timed_compilations}")
     print("first run s: the first compiled generate (compilation); eager ids: whether the compiled greedy ids equal")
     print("the eager ones (float32: they must; bfloat16/float16: fused kernels may flip near-ties of random weights)")
     return {name: (eager[name], best[name]) for name in models}
