@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny import run_without_package
 
 
@@ -34,6 +35,7 @@ RUNS = [
     ("fsdp", "lora", "trainer"),
     ("deepspeed_zero2", "projector", None),
     ("deepspeed_zero3", "projector+lm", "trainer"),
+    ("deepspeed_zero3", "lora", None),
 ]
 
 
@@ -118,7 +120,10 @@ def test_two_processes_train_like_one(config, tune, checkpointing, data, tmp_pat
     assert training_args.ddp_find_unused_parameters is False  # no extra graph pass
     if tune == "lora":
         for folder in (output, output / "checkpoint-2"):
-            assert (folder / "adapter_model.safetensors").is_file() and not list(folder.glob("_fsdp*.py")), folder
+            assert not list(folder.glob("_fsdp*.py")), folder
+            adapter = load_file(folder / "adapter_model.safetensors")  # sharded runs must gather, not save shards
+            assert all(tensor.dim() == 1 or min(tensor.shape) > 0 for tensor in adapter.values()), folder
+            assert any(name.endswith("lora_B.weight") and tensor.abs().sum() > 0 for name, tensor in adapter.items())
         if config != "ddp":
             return
     expected = reference(data, tmp_path_factory, tune)
