@@ -108,3 +108,13 @@ $(VENV)/.installed-deepspeed: $(VENV)/.installed
 .PHONY: test-distributed
 test-distributed: $(VENV)/.installed-deepspeed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/distributed
+
+# `make test-trl`: TRL's SFT, DPO and GRPO trainers on the demo checkpoint. TRL 1.16 installs into .venv (it keeps
+# torch 2.13 and transformers 5.23), after the main suite has run there.
+$(VENV)/.installed-trl: $(VENV)/.installed
+	$(PY) -m pip install --quiet trl==1.16.0
+	touch $@
+
+.PHONY: test-trl
+test-trl: $(VENV)/.installed-trl
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/integrations/test_trl.py

@@ -5,7 +5,8 @@ steps (the prefill, which encodes the image, runs eagerly). Same tower weights a
 (shared) for both models, same prompt text and image-token count. Each model first generates once eagerly and once
 compiled (compilation happens there; the compiled ids are compared with the eager ones); then the timed rounds
 alternate the models (A, B, A, B, ...). Decode is the time of one later step, best over all steps of all rounds, read
-from a logits processor that stamps every step.
+from a logits processor that stamps every step; the spread is the DCI/Llava ratio of each round's best steps (rounds
+are side by side, so a loaded machine slows both alike), as its median and range.
 
     .venv/bin/python bench/bench_compile.py                      # CPU: CLIP-L width 2 layers, Llama-7B width x2
     .venv/bin/python bench/bench_compile.py --device cuda --dtype bfloat16 --tower-layers 24 --image-size 336 \
@@ -68,6 +69,7 @@ def run(args) -> dict[str, tuple[float, float]]:
     input_ids = prompt(num_patches, args.device)
 
     eager, compiled, compile_seconds, same_ids = {}, {name: [] for name in models}, {}, {}
+    rounds = []  # each round's best DCI step over its best Llava step
     with torch.inference_mode():
         for name, model in models.items():
             ids, steps = generate(model, input_ids, pixel_values, args, compiled=False)
@@ -77,8 +79,12 @@ def run(args) -> dict[str, tuple[float, float]]:
             compile_seconds[name] = time.perf_counter() - start
             same_ids[name] = torch.equal(compiled_ids, ids)  # in half precision, fused kernels may flip near-ties
         for _ in range(args.reps):
+            best_of_round = {}
             for name, model in models.items():
-                compiled[name] += generate(model, input_ids, pixel_values, args, compiled=True)[1]
+                steps = generate(model, input_ids, pixel_values, args, compiled=True)[1]
+                compiled[name] += steps
+                best_of_round[name] = min(steps)
+            rounds.append(best_of_round["dci"] / best_of_round["llava"])
     best = {name: min(steps) for name, steps in compiled.items()}
 
     tower = describe_tower(llava.config.vision_config)
@@ -94,6 +100,9 @@ def run(args) -> dict[str, tuple[float, float]]:
             "same" if same_ids[name] else "differ",
         )  # fmt: skip
         print(f"{name:<8}" + "".join(f"{value:>16}" for value in values))
+    rounds.sort()
+    print(f"dci / llava per round ({args.reps} rounds): median {rounds[len(rounds) // 2]:.3f}, "
+          f"range {rounds[0]:.3f}-{rounds[-1]:.3f}")  # fmt: skip
     print("first run s: the first compiled generate (compilation); eager ids: whether the compiled greedy ids equal")
     print("the eager ones (float32: they must; bfloat16/float16: fused kernels may flip near-ties of random weights)")
     return {name: (eager[name], best[name]) for name in models}

@@ -5,11 +5,13 @@ prompts of the original conversation code, including its quirk that `llama_3` pu
 `system` header (the released model was trained that way). Images and videos in a message become the `<image>` /
 `<video>` placeholder followed by a newline, at the start of that message, as the original places them.
 
-`llama_3` writes the tokenizer's BOS before the original's prompt, which itself begins with a literal
-`<|begin_of_text|>`: the original's ids start with both (its `tokenizer_image_token` keeps the BOS the tokenizer
-adds), so a chat rendered here and tokenised without special tokens, as chat consumers do, gives those ids.
-`DenseConnectorProcessor.apply_chat_template` leaves that first BOS out of the text it returns, because calling the
-processor on the text adds it. `vicuna_v1` writes no BOS: its ids get theirs from the tokenizer.
+Both write the tokenizer's BOS first, as the original's ids start with it (its `tokenizer_image_token` keeps the BOS
+the tokenizer adds), so a chat rendered here and tokenised without special tokens, as chat consumers do (vLLM's chat
+endpoint, TRL's collators), gives the original's ids; the processor adds no second BOS to text that already starts
+as the template's does. `llama_3`'s original prompt itself begins with a literal `<|begin_of_text|>` after that BOS.
+Assistant replies and their end-of-turn marker are wrapped in `{% generation %}` ... `{% endgeneration %}` (which
+render nothing), from where the generation prompt ends, so `return_assistant_tokens_mask=True` (TRL's
+`assistant_only_loss=True`) marks what `DenseConnectorDataCollator` labels. A new template follows the same pattern.
 
 Messages may hold a plain string or transformers-style content items
 (`[{"type": "image"}, {"type": "text", "text": "..."}]`); a leading `system` message replaces the default system
@@ -68,6 +70,7 @@ VICUNA_V1 = (
     _RENDER_CONTENT
     + _SYSTEM_PROMPT.replace("DEFAULT", repr(VICUNA_V1_SYSTEM))
     + """
+{{- bos_token if bos_token is defined else "" -}}
 {{- system_prompt + " " -}}
 {%- for message in messages -%}
 """
@@ -76,7 +79,8 @@ VICUNA_V1 = (
     {%- if message["role"] == "user" -%}
         {{- "USER: " + render(message["content"]) + " " -}}
     {%- else -%}
-        {{- "ASSISTANT: " + render(message["content"]) + "</s>" -}}
+        {{- "ASSISTANT:" -}}
+        {%- generation -%}{{- " " + render(message["content"]) + "</s>" -}}{%- endgeneration -%}
     {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
@@ -95,8 +99,12 @@ LLAMA_3 = (
 """
     + _CHECK_ROLE
     + """
-    {%- set header = "user" if message["role"] == "user" else "system" -%}
-    {{- "<|start_header_id|>" + header + "<|end_header_id|>\\n\\n" + render(message["content"]) + "<|eot_id|>" -}}
+    {%- if message["role"] == "user" -%}
+        {{- "<|start_header_id|>user<|end_header_id|>\\n\\n" + render(message["content"]) + "<|eot_id|>" -}}
+    {%- else -%}
+        {{- "<|start_header_id|>system<|end_header_id|>\\n\\n" -}}
+        {%- generation -%}{{- render(message["content"]) + "<|eot_id|>" -}}{%- endgeneration -%}
+    {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
     {{- "<|start_header_id|>system<|end_header_id|>\\n\\n" -}}

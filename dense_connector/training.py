@@ -9,10 +9,12 @@ LoRA on the language model, all with the vision tower frozen by default.
 import json
 import logging
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -23,19 +25,88 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 TUNE_REGIMES = ("projector", "projector+lm", "lora")
+WHITESPACE = re.compile(r"\s*")
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
-def load_instruction_data(path: str | Path) -> list[dict]:
-    """Records from a JSON list (the LLaVA format) or a JSON-lines file."""
+class InstructionRecords(Sequence):
+    """Instruction records kept as one UTF-8 buffer of their JSON texts, each parsed again when it is read.
+
+    A 665K-record LLaVA mix held as Python dicts takes ~4.6x its file size in every process, and a forked dataloader
+    worker that reads them all copies a third of that again (reference counts dirty the shared pages). Held as bytes
+    it takes the file's size once per process and nothing per worker; reading a record costs one small `json.loads`.
+    """
+
+    def __init__(self, texts: Iterable[str], source: str):
+        buffer, offsets = bytearray(), [0]
+        for text in texts:
+            buffer += text.encode("utf-8")
+            offsets.append(len(buffer))
+        self.buffer = np.frombuffer(bytes(buffer), dtype=np.uint8)
+        self.offsets = np.array(offsets, dtype=np.int64)
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"record {index} is out of range: {self.source} has {len(self)} records.")
+        index %= len(self)
+        return json.loads(self.buffer[self.offsets[index] : self.offsets[index + 1]].tobytes())
+
+
+def load_instruction_data(path: str | Path) -> InstructionRecords:
+    """Records from a JSON list (the LLaVA format) or a JSON-lines file, each record a JSON object."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    records = json.loads(text)
-    if not isinstance(records, list):
+    items = jsonl_items(text, path) if path.suffix == ".jsonl" else json_list_items(text, path)
+    return InstructionRecords(items, str(path))
+
+
+def checked_record(item: Any, number: int, path: Path) -> None:
+    if not isinstance(item, dict):
+        raise ValueError(f"Record {number} of {path} is not a JSON object (it is {type(item).__name__}).")
+
+
+def jsonl_items(text: str, path: Path) -> Iterator[str]:
+    """The non-empty lines of a JSON-lines file, each checked to be one JSON object."""
+    for number, line in enumerate(line for line in text.splitlines() if line.strip()):
+        try:
+            checked_record(json.loads(line), number, path)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON in record {number}: {error}") from None
+        yield line
+
+
+def json_list_items(text: str, path: Path) -> Iterator[str]:
+    """The JSON texts of a JSON list's items, found without building the whole list of Python objects at once."""
+    decoder = json.JSONDecoder()
+    position = skip_whitespace(text, 0)
+    if not text.startswith("[", position):
         raise ValueError(f"{path} must hold a JSON list of records (or be a .jsonl file with one record per line).")
-    return records
+    position, number = skip_whitespace(text, position + 1), 0
+    while not text.startswith("]", position):
+        try:
+            item, end = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON in record {number}: {error}") from None
+        checked_record(item, number, path)
+        yield text[position:end]
+        position = skip_whitespace(text, end)
+        if text.startswith(",", position):
+            position = skip_whitespace(text, position + 1)
+            if text.startswith("]", position):
+                raise ValueError(f"{path} is not a valid JSON list: a `,` after its last record.")
+        elif not text.startswith("]", position):
+            raise ValueError(f"{path} is not a valid JSON list: expected `,` or `]` after record {number}.")
+        number += 1
+    if text[position + 1 :].strip():
+        raise ValueError(f"{path} has text after the end of its JSON list of records.")
+
+
+def skip_whitespace(text: str, position: int) -> int:
+    return WHITESPACE.match(text, position).end()
 
 
 def llava_to_messages(conversations: list[dict], image_token: str = "<image>") -> list[dict]:
@@ -124,6 +195,8 @@ def token_char_starts(processor, text: str, input_ids: list[int]) -> list[int | 
     if input_ids[:1] == [tokenizer.bos_token_id]:
         starts.append(None)
         position = 1
+        if tokenizer.bos_token and text.startswith(tokenizer.bos_token):  # the template's BOS: the text starts after
+            bounds[0] = len(tokenizer.bos_token)
     for chunk_start, chunk_end in zip(bounds[0::2], bounds[1::2]):
         encoded = tokenizer(text[chunk_start:chunk_end], add_special_tokens=False, return_offsets_mapping=True)
         chunk_ids = encoded["input_ids"]
@@ -192,7 +265,7 @@ class DenseConnectorDataCollator:
         messages, image_refs = record_to_messages(record, self.processor.image_token)
         images = [self.load_image(image) for image in image_refs]
         text, spans = assistant_spans(self.processor, messages)
-        # The processor's rendered text leaves the BOS to the processor, which adds it as the original's training does.
+        # The rendered text starts with the template's BOS; the processor adds no second one.
         encoded = self.processor(images=images or None, text=text, return_tensors="pt")
         input_ids = encoded["input_ids"][0].tolist()
         labels = mask_labels(input_ids, token_char_starts(self.processor, text, input_ids), spans)
@@ -323,6 +396,7 @@ __all__ = [
     "assistant_spans",
     "language_model_linear_names",
     "llava_to_messages",
+    "InstructionRecords",
     "load_instruction_data",
     "mask_labels",
     "prepare_for_training",

@@ -41,16 +41,19 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
 def text_starts_after_placeholders(tokenizer: Tokenizer) -> Tokenizer:
     """`tokenizer` with text after `<image>` / `<video>` tokenised as the start of a text, as the processor does (it
     tokenises the chunks between placeholders one by one), so that a whole prompt gets the processor's ids: a chunk
-    that does not start with a space gets the "▁" Metaspace puts in front of a text. The placeholders are matched
-    after normalisation, so that the normalizer sees them; the vocabulary is untouched."""
+    that does not start with a space gets the "▁" Metaspace puts in front of a text. The same after a `<s>` that
+    starts the text (the chat template writes it), so a chat tokenised without special tokens gets the ids of its
+    prompt with the BOS added. These tokens are matched after normalisation, so that the normalizer sees them; the
+    vocabulary is untouched."""
     placeholders = ("<image>", "<video>")
     ends_chunk = "|".join(placeholders)
     tokenizer.normalizer = normalizers.Sequence(
         [normalizers.Replace(Regex(f"{token}(?![ ▁]|{ends_chunk}|\\z)"), token + "▁") for token in placeholders]
+        + [normalizers.Replace(Regex(f"\\A<s>(?![ ▁]|{ends_chunk}|\\z)"), "<s>▁")]
     )
     state = json.loads(tokenizer.to_str())
     for token in state["added_tokens"]:
-        token["normalized"] = token["content"] in placeholders
+        token["normalized"] = token["content"] in (*placeholders, "<s>")
     return Tokenizer.from_str(json.dumps(state))
 
 

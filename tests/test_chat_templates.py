@@ -2,6 +2,7 @@
 original input ids."""
 
 import json
+from pathlib import Path
 
 import pytest
 from original_tokenization import tokenizer_image_token
@@ -109,13 +110,18 @@ def fixture_chat(name: str = "clip_dci") -> tuple[dict, list[dict]]:
 
 
 def test_processor_chat_template_tokenizes_like_the_plain_prompt():
-    """`apply_chat_template(tokenize=True)` gives the ids of the processor on the rendered prompt (one BOS)."""
+    """`apply_chat_template(tokenize=True)` gives the ids of the processor on the original prompt (one BOS), and so
+    does the processor on the rendered text (which starts with the template's BOS) with or without special tokens."""
     meta, messages = fixture_chat()
     processor = tiny_processor(tiny_config(), chat_template=CHAT_TEMPLATES[meta["conv_mode"]])
-    assert processor.apply_chat_template(messages, add_generation_prompt=True) == meta["prompt"]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert rendered == processor.tokenizer.bos_token + meta["prompt"]
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    direct = processor(text=meta["prompt"], images=messages[0]["content"][0]["image"])
+    image = messages[0]["content"][0]["image"]
+    direct = processor(text=meta["prompt"], images=image)
     assert inputs["input_ids"] == direct["input_ids"]
+    assert processor(text=rendered, images=image)["input_ids"] == direct["input_ids"]
+    assert processor(text=rendered, images=image, add_special_tokens=False)["input_ids"] == direct["input_ids"]
     assert inputs["input_ids"][0].count(processor.tokenizer.bos_token_id) == 1
     assert inputs["input_ids"][0].count(processor.image_token_id) == 64
 
@@ -184,5 +190,47 @@ def test_llama_3_ids_start_with_two_begin_of_text_as_the_original(case, tmp_path
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert original_form(inputs["input_ids"][0]) == expected
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    assert text == case["prompt"]
-    assert original_form(processor(text=text, images=images or None)["input_ids"][0]) == expected
+    assert text == tokenizer.bos_token + case["prompt"]
+    for add_special_tokens in (True, False):  # TRL's collators and vLLM's chat endpoint add none
+        ids = processor(text=text, images=images or None, add_special_tokens=add_special_tokens)["input_ids"][0]
+        assert original_form(ids) == expected
+        assert original_form(tokenizer(text, add_special_tokens=False)["input_ids"]) == expected
+
+
+DEMO = Path(__file__).resolve().parents[1] / "dense_connector" / "demo" / "checkpoint"
+
+
+@pytest.mark.parametrize("conv_mode", sorted(CHAT_TEMPLATES))
+def test_templates_mark_the_assistant_replies_for_assistant_masks(conv_mode):
+    """Every template the package writes has `{% generation %}` markers (TRL's `assistant_only_loss=True` refuses a
+    template without them); the demo checkpoint ships the package's template."""
+    assert "generation -%}" in CHAT_TEMPLATES[conv_mode] and "endgeneration" in CHAT_TEMPLATES[conv_mode]
+    assert (DEMO / "chat_template.jinja").read_text() == CHAT_TEMPLATES["vicuna_v1"]
+
+
+def test_offsets_are_in_the_expanded_text_and_the_assistant_mask_covers_the_replies():
+    processor = AutoProcessor.from_pretrained(DEMO)
+    image = Image.open(DEMO.parent / "sample.png")
+    text = "<s>USER: <image>\nHow many? ASSISTANT: 2</s>"
+    inputs = processor(text=[text, "USER: Hi"], images=[image], padding=True, return_offsets_mapping=True)
+    ids, offsets = inputs["input_ids"], inputs["offset_mapping"]
+    count = ids[0].count(processor.image_token_id)
+    expanded = text.replace("<image>", "<image>" * count)
+    assert len(offsets[0]) == len(ids[0]) and len(offsets[1]) == len(ids[1])
+    assert offsets[1][: ids[1].count(processor.tokenizer.pad_token_id)] == [(0, 0)] * ids[1].count(
+        processor.tokenizer.pad_token_id
+    )  # padded on the tokenizer's side (left), with empty spans
+    for token, (start, end) in zip(ids[0], offsets[0]):
+        piece = processor.tokenizer.convert_ids_to_tokens(token).replace("▁", " ")
+        assert expanded[start:end].strip() == piece.strip(), (piece, expanded[start:end])
+
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "How many?"}]},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "Sure?"},
+        {"role": "assistant", "content": "yes"},
+    ]
+    out = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    marked = [token for token, mask in zip(out["input_ids"][0], out["assistant_masks"][0]) if mask]
+    assert processor.decode(marked) == "2</s> yes</s>"  # the replies and their end of turn, nothing else
+    assert out["input_ids"][0].count(processor.tokenizer.bos_token_id) == 1

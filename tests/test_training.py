@@ -221,6 +221,34 @@ def test_bad_records_get_clear_errors(processor, tmp_path):
     assert len(load_instruction_data(lines)) == 2
 
 
+def test_instruction_data_reads_back_every_record(tmp_path):
+    records = [llava_record("a.png", [("<image>\nWhat is ] [ here?", 'Ünïcode, "quotes"')]), {"messages": []}]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records, indent=2, ensure_ascii=False), encoding="utf-8")
+    loaded = load_instruction_data(path)
+    assert len(loaded) == 2 and list(loaded) == records and loaded[-1] == records[-1]
+    with pytest.raises(IndexError, match="has 2 records"):
+        loaded[2]
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ('{"messages": []}', "must hold a JSON list"),
+        ('[{"a": 1} {"b": 2}]', "expected `,` or `]` after record 0"),
+        ('[{"a": 1},', "not valid JSON in record 1"),
+        ('[{"a": 1},]', "a `,` after its last record"),
+        ("[1]", "Record 0 .* is not a JSON object"),
+        ('[{"a": 1}] []', "text after the end"),
+    ],
+)
+def test_bad_instruction_files_get_clear_errors(tmp_path, text, error):
+    path = tmp_path / "data.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=error):
+        load_instruction_data(path)
+
+
 def trained_names(model):
     return {name for name, param in model.named_parameters() if param.requires_grad}
 

@@ -33,7 +33,11 @@ def sentencepiece_model(model_file: Path):
 
 
 def sentencepiece_pipeline(
-    proto, legacy: bool, placeholders: tuple[str, ...] = (), specials: tuple[str, ...] = ()
+    proto,
+    legacy: bool,
+    placeholders: tuple[str, ...] = (),
+    specials: tuple[str, ...] = (),
+    bos: str | None = None,
 ) -> tuple[normalizers.Normalizer | None, pre_tokenizers.PreTokenizer]:
     """Normalizer and pre-tokenizer that make the fast tokenizer split text as the original slow one does.
 
@@ -48,7 +52,8 @@ def sentencepiece_pipeline(
     after normalisation), so that only the text's true start gets the prefix, as in the slow tokenizer; text before
     a special token loses its trailing spaces as SentencePiece strips each segment's. The original also tokenises
     the chunks between image placeholders one by one: each chunk after a placeholder starts with "▁" too, so a whole
-    prompt gets the original's ids. Legacy tokenizers need none of this: every piece gets its own prefix.
+    prompt gets the original's ids, and so does text after a leading `bos` (a chat template writes it; the original's
+    prompt has none). Legacy tokenizers need none of this: every piece gets its own prefix.
     """
     spec = proto.normalizer_spec
     if not spec.escape_whitespaces or proto.trainer_spec.treat_whitespace_as_suffix:
@@ -70,20 +75,24 @@ def sentencepiece_pipeline(
         scheme = "never"
     else:
         steps.append(normalizers.Replace(Regex("\\A "), "  "))
-        steps += segment_boundaries(placeholders, specials, spec.remove_extra_whitespaces)
+        steps += segment_boundaries(placeholders, specials, spec.remove_extra_whitespaces, bos)
         scheme = "first"
     normalizer = normalizers.Sequence(steps) if steps else None
     return normalizer, pre_tokenizers.Metaspace(replacement=SENTENCEPIECE_SPACE, prepend_scheme=scheme, split=False)
 
 
 def segment_boundaries(
-    placeholders: tuple[str, ...], specials: tuple[str, ...], remove_extra_whitespaces: bool
+    placeholders: tuple[str, ...], specials: tuple[str, ...], remove_extra_whitespaces: bool, bos: str | None = None
 ) -> list[normalizers.Normalizer]:
     """Normalizer steps for the places where the non-legacy original ends one SentencePiece call and starts another:
     before a special token or placeholder, trailing spaces go (with `remove_extra_whitespaces`); after a
-    placeholder, a chunk that starts with text gets its "▁"."""
+    placeholder, or after a `bos` that starts the text, a chunk that starts with text gets its "▁"."""
     any_boundary = "|".join(re.escape(token) for token in (*placeholders, *specials))
     steps = []
+    if bos:  # first, while the text still starts where it started
+        steps.append(
+            normalizers.Replace(Regex(f"\\A{re.escape(bos)}(?!{any_boundary}|\\z)"), bos + SENTENCEPIECE_SPACE)
+        )
     if remove_extra_whitespaces and any_boundary:
         steps.append(normalizers.Replace(Regex(f"[ {SENTENCEPIECE_SPACE}]+(?={any_boundary})"), ""))
     for token in placeholders:
@@ -119,7 +128,7 @@ def sentencepiece_tokenizer(folder: Path, placeholders: tuple[str, ...] = (), **
     if not legacy:
         backend = normalized_added_tokens(backend)
     backend.normalizer, backend.pre_tokenizer = sentencepiece_pipeline(
-        sentencepiece_model(folder / "tokenizer.model"), legacy, placeholders, specials
+        sentencepiece_model(folder / "tokenizer.model"), legacy, placeholders, specials, converted.bos_token
     )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,

@@ -12,6 +12,7 @@
 The demo checkpoint was trained on the plain questions, so the files carry no benchmark instruction.
 """
 
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -68,14 +69,15 @@ def write_llava_files(folder: Path, num_images: int, seed: int) -> list:
 def write_demo_data(folder: str | Path, num_images: int = 16, seed: int = HELDOUT_SEED) -> list[Path]:
     """Write the demo questions (one per image, the four question types in turn); returns the folders written.
 
-    The lmms-eval datasets need the `datasets` library (the eval extra); without it only the LLaVA files are written.
+    The lmms-eval datasets need `datasets` and `lmms_eval` (the eval extra); without them only the LLaVA files are
+    written (`datasets` alone, as TRL installs it, is not enough: the task files include lmms-eval's own).
     """
     folder = Path(folder)
     examples = write_llava_files(folder / "llava", num_images, seed)
-    try:
-        import datasets
-    except ImportError:
+    if importlib.util.find_spec("lmms_eval") is None or importlib.util.find_spec("datasets") is None:
         return [folder / "llava"]
+    import datasets
+
     shapes = [
         {"question_id": index, "question": e.questions[0], "answer": e.answers[0], "image": e.image}
         for index, e in enumerate(examples)

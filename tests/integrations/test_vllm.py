@@ -165,8 +165,8 @@ def vllm_chat(messages: list[dict], images: list[Image.Image]) -> list[dict]:
 
 
 def chat_output(llm, messages, images):
-    # The vicuna_v1 chat template does not write BOS; the original prompt starts with it.
-    return llm.chat(vllm_chat(messages, images), GREEDY, tokenization_kwargs={"add_special_tokens": True})[0]
+    # A default chat request: the chat template writes the BOS the original's prompt starts with.
+    return llm.chat(vllm_chat(messages, images), GREEDY)[0]
 
 
 def test_chat_messages_give_transformers_outputs(served):
@@ -258,8 +258,7 @@ def server_chat(server: str, image: Image.Image, question: str) -> dict:
         "max_tokens": NEW_TOKENS,
         "temperature": 0,
         "ignore_eos": True,
-        "return_token_ids": True,
-        "add_special_tokens": True,  # BOS: the vicuna_v1 chat template does not write it
+        "return_token_ids": True,  # a default request otherwise: no extra_body, the template writes BOS
     }
     return post(f"{server}/v1/chat/completions", body)
 

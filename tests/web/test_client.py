@@ -59,7 +59,7 @@ def test_stop_ends_a_long_answer(tiny_server):
         time.sleep(0.1)
     client.predict(api_name="/stop")
     stopped = time.monotonic()
-    while not job.done() and time.monotonic() - stopped < 10:
+    while not job.done() and time.monotonic() - stopped < 30:  # slack for a loaded machine; 2048 tokens take ~1 min
         time.sleep(0.1)
     assert job.done(), "the answer went on after Stop"
     assert len(job.outputs()) < 1024, len(job.outputs())  # one output per token: far from the 2048 asked for

@@ -1,5 +1,6 @@
 """Processor for Dense Connector models: image processor + tokenizer + chat template."""
 
+import functools
 import re
 
 import torch
@@ -9,6 +10,7 @@ from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import MultiModalData
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 from transformers.utils import logging
+from transformers.utils.chat_template_utils import render_jinja_template
 from transformers.video_utils import is_batched_video, is_valid_video
 
 from .configuration_dense_connector import num_anyres_tokens, num_tile_tokens, num_video_tokens
@@ -23,6 +25,26 @@ def pil_image_processor(image_processor):
     if isinstance(image_processor, PilBackend) or pil_class is None:
         return image_processor
     return pil_class.from_dict(image_processor.to_dict())
+
+
+def leading_count(text: str, token: str) -> int:
+    """How many times `text` starts with `token` in a row."""
+    count = 0
+    while text.startswith(token, count * len(token)):
+        count += 1
+    return count
+
+
+@functools.lru_cache(maxsize=8)
+def template_bos_count(chat_template: str | None, bos_token: str) -> int:
+    """How many BOS strings `chat_template` writes before its text (1 without a template, or when it writes none):
+    text that starts with that many already holds the BOS the tokenizer would add."""
+    if chat_template is None:
+        return 1
+    rendered, _ = render_jinja_template(
+        conversations=[[{"role": "user", "content": "x"}]], chat_template=chat_template, bos_token=bos_token
+    )
+    return max(1, leading_count(rendered[0], bos_token))
 
 
 def none_if_empty(items):
@@ -173,27 +195,50 @@ class DenseConnectorProcessor(ProcessorMixin):
         counts = [self.num_video_tokens(len(pixels), pixels.shape[-2]) for pixels in pixel_values]
         return torch.stack(pixel_values), counts
 
-    def _tokenize(self, text: str, add_special_tokens: bool, replacements: list[tuple[str, int, int]]) -> list[int]:
-        """Chunk-by-chunk tokenisation of one prompt; each placeholder expanded to its run of placeholder ids."""
+    def _tokenize(
+        self, text: str, add_special_tokens: bool, replacements: list[tuple[str, int, int]]
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Chunk-by-chunk tokenisation of one prompt; each placeholder expanded to its run of placeholder ids.
+
+        BOS strings leading the text become BOS ids and the text after them is tokenised as the start of a text, as
+        the original's prompt (which has no BOS string) is; the tokenizer's BOS is added only when the text does not
+        already start with the BOS the chat template writes. Also returns each token's character span in the text
+        with every placeholder expanded to its run (`(0, 0)` for an added BOS), as `return_offsets_mapping` reports.
+        """
+        bos, bos_id = self.tokenizer.bos_token, self.tokenizer.bos_token_id
+        leading = leading_count(text, bos) if bos and bos_id is not None else 0
+        adds_bos = add_special_tokens and bos_id is not None and self.tokenizer("")["input_ids"][:1] == [bos_id]
+        template = self.chat_template if isinstance(self.chat_template, str) else None
+        add_bos = adds_bos and leading < template_bos_count(template, bos)
+        input_ids, offsets = ([bos_id], [(0, 0)]) if add_bos else ([], [])
+        input_ids += [bos_id] * leading
+        offsets += [(index * len(bos), (index + 1) * len(bos)) for index in range(leading)]
+        position = leading * len(bos) if leading else 0
         pattern = "(" + "|".join(re.escape(token) for token in (self.image_token, self.video_token)) + ")"
-        parts = re.split(pattern, text)
+        parts = re.split(pattern, text[position:])
         chunks = parts[0::2]
-        ids_per_chunk = self.tokenizer(chunks, add_special_tokens=add_special_tokens)["input_ids"]
-        bos = self.tokenizer.bos_token_id
-        has_bos = add_special_tokens and bos is not None and all(ids[:1] == [bos] for ids in ids_per_chunk)
-        input_ids = [bos] if has_bos else []
-        for index, chunk_ids in enumerate(ids_per_chunk):
+        encoded = self.tokenizer(chunks, add_special_tokens=False, return_offsets_mapping=True)
+        for index, (chunk, chunk_ids, chunk_offsets) in enumerate(
+            zip(chunks, encoded["input_ids"], encoded["offset_mapping"])
+        ):
             if index > 0:
                 _, token_id, count = replacements.pop(0)
+                width = len(parts[2 * index - 1])
                 input_ids.extend([token_id] * count)
-            input_ids.extend(chunk_ids[1:] if has_bos else chunk_ids)
-        return input_ids
+                offsets.extend((position + k * width, position + (k + 1) * width) for k in range(count))
+                position += count * width
+            input_ids.extend(chunk_ids)
+            offsets.extend((position + start, position + end) for start, end in chunk_offsets)
+            position += len(chunk)
+        return input_ids, offsets
 
     def __call__(self, images=None, text=None, videos=None, **kwargs) -> BatchFeature:
         """Process `images`, `videos` and `text` into `input_ids`, `attention_mask`, `pixel_values`, ...
 
         Accepts the usual tokenizer arguments (`padding`, `padding_side`, `truncation`, `max_length`,
-        `return_tensors`, `add_special_tokens`); truncation never cuts through an image's or video's placeholders.
+        `return_tensors`, `add_special_tokens`, `return_offsets_mapping`: each token's character span in the text
+        with every placeholder expanded to its run, as `return_assistant_tokens_mask` needs);
+        truncation never cuts through an image's or video's placeholders.
         `videos` is one video or a list of videos, each a list of PIL images or a `(frames, height, width, channels)`
         array or tensor; `num_frames=` samples that many frames uniformly from each (default `num_video_frames`).
         Videos become `pixel_values_videos` of shape `(num_videos, frames, channels, height, width)`. Empty lists of
@@ -250,14 +295,16 @@ class DenseConnectorProcessor(ProcessorMixin):
         if text is not None:
             add_special_tokens = text_kwargs.pop("add_special_tokens", True)
             image_queue, video_queue = list(replacements), list(video_replacements)
-            sequences = []
+            return_offsets_mapping = text_kwargs.pop("return_offsets_mapping", False)
+            sequences, offsets = [], []
             for sample in text:
                 sample_replacements = []
                 for match in re.finditer("|".join(re.escape(t) for t in (self.image_token, self.video_token)), sample):
                     queue = image_queue if match.group(0) == self.image_token else video_queue
                     sample_replacements.append(queue.pop(0))
-                sequences.append(self._tokenize(sample, add_special_tokens, sample_replacements))
-            sequences = [self._truncate(ids, text_kwargs) for ids in sequences]
+                ids, spans = self._tokenize(sample, add_special_tokens, sample_replacements)
+                sequences.append(self._truncate(ids, text_kwargs))
+                offsets.append(spans[: len(sequences[-1])])
             self._warn_if_long(sequences)
             padded = self.tokenizer.pad(
                 {"input_ids": sequences},
@@ -268,9 +315,22 @@ class DenseConnectorProcessor(ProcessorMixin):
                 return_attention_mask=text_kwargs.get("return_attention_mask", True),
             )
             data.update(padded)
+            if return_offsets_mapping:
+                data["offset_mapping"] = self._pad_offsets(offsets, padded["input_ids"], text_kwargs)
             if return_offsets:
                 data["text_replacement_offsets"] = self._replacement_offsets(text, replacements + video_replacements)
         return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
+
+    def _pad_offsets(
+        self, offsets: list[list[tuple[int, int]]], padded_ids: list[list[int]], text_kwargs: dict
+    ) -> list[list[tuple[int, int]]]:
+        """Each sequence's token spans padded with `(0, 0)` on the side the ids were padded on."""
+        side = text_kwargs.get("padding_side") or self.tokenizer.padding_side
+        result = []
+        for spans, ids in zip(offsets, padded_ids):
+            padding = [(0, 0)] * (len(ids) - len(spans))
+            result.append(padding + spans if side == "left" else spans + padding)
+        return result
 
     def _replacement_offsets(self, text: list[str], replacements: list[tuple[str, int, int]]) -> list[list[dict]]:
         """Where each placeholder of each prompt stands and the placeholder run it becomes, as transformers'
@@ -291,19 +351,6 @@ class DenseConnectorProcessor(ProcessorMixin):
         side = size.get("height") or size["shortest_edge"]
         counts = [self.num_image_tokens(side, side, tuple(image_size)) for image_size in image_sizes]
         return MultiModalData(num_image_tokens=counts, num_image_patches=[1] * len(counts))
-
-    def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
-        """transformers' `apply_chat_template`, except that rendered text (`tokenize=False`) leaves out a BOS the
-        template writes first: calling the processor on that text adds the tokenizer's BOS, as the original does, so
-        `processor(text=processor.apply_chat_template(messages))` gives the same ids as `tokenize=True` (two
-        `<|begin_of_text|>` for `llama_3`, as in the original)."""
-        rendered = super().apply_chat_template(conversation, chat_template, **kwargs)
-        bos = self.tokenizer.bos_token
-        if kwargs.get("tokenize") or not bos:
-            return rendered
-        if isinstance(rendered, str):
-            return rendered.removeprefix(bos)
-        return [text.removeprefix(bos) for text in rendered]
 
     def _check_images_per_sample(self, text: list[str], images) -> None:
         """With images nested per sample (`[[a], [b, c]]`), each sample must hold one image per placeholder."""
