@@ -159,7 +159,7 @@ def write_folder(conversion: Conversion, folder: Path, max_shard_size: int, prog
     config.save_pretrained(folder)
     build_generation_config(conversion.tokenizer, conversion.conv_mode).save_pretrained(folder)
     processor = build_processor(
-        conversion.translation, conversion.tokenizer, conversion.tower_folder, conversion.conv_mode
+        conversion.translation, conversion.tokenizer, conversion.tower_folder, CHAT_TEMPLATES[conversion.conv_mode]
     )
     processor.save_pretrained(folder)
 

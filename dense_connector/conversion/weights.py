@@ -12,9 +12,10 @@ import math
 import re
 import struct
 from collections import Counter
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -120,10 +121,12 @@ class PlanBuilder:
         `SiglipModel`), up to the deepest layer the connector reads."""
         for path in tower_files:
             for name, (shape, tensor_dtype) in tensor_metadata(path).items():
+                new_name, reason = rename_tower_tensor(name, layers_used)
                 if name.startswith(NOT_VISION_PREFIXES):
-                    continue
-                new_name, _ = rename_tower_tensor(name, layers_used)
-                if new_name is not None:
+                    new_name, reason = None, "text half of the tower repository"
+                if new_name is None:
+                    self.dropped[name] = reason
+                else:
                     self.add(path, name, new_name, shape, tensor_dtype)
 
     def has_tower(self) -> bool:
@@ -215,6 +218,22 @@ def append_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([weight, mean.expand(rows - weight.shape[0], -1)])
 
 
+def read_planned(entries: list[TensorEntry]) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
+    """Each planned tensor in order, read, padded to its planned rows and cast; one input file is open
+    (memory-mapped) at a time, released before the next one is mapped."""
+    with ExitStack() as inputs:
+        source, get = None, None
+        for entry in entries:
+            if entry.source != source:
+                inputs.close()
+                source, get = entry.source, inputs.enter_context(open_tensors(entry.source))
+            tensor = get(entry.original_name)
+            if entry.name in RESIZED_EMBEDDINGS:
+                tensor = append_rows(tensor, entry.shape[0])
+            yield entry, tensor.to(entry.dtype)
+            del tensor  # so that closing an input file unmaps it
+
+
 def write_weights(plan: TensorPlan, folder: Path, max_shard_bytes: int, progress: bool = True) -> list[str]:
     """Stream every planned tensor into safetensors shards in `folder`; returns the shard file names.
 
@@ -227,23 +246,15 @@ def write_weights(plan: TensorPlan, folder: Path, max_shard_bytes: int, progress
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    bar = tqdm(total=len(plan.entries), unit="tensor", desc="Converting weights", disable=not progress)
-    with bar, ExitStack() as inputs:
-        source, get = None, None
+    bar = tqdm(total=len(plan.entries), unit="tensor", desc="Writing weights", disable=not progress)
+    with bar, closing(read_planned(plan.entries)) as tensors:
         for shard_name, shard in zip(names, shards):
             with open(folder / shard_name, "wb") as out:
                 out.write(safetensors_header(shard))
-                for entry in shard:
-                    if entry.source != source:
-                        inputs.close()  # release the previous input file before mapping the next one
-                        source, get = entry.source, inputs.enter_context(open_tensors(entry.source))
-                        bar.set_postfix_str(f"{entry.source.name} -> {shard_name}")
-                    tensor = get(entry.original_name)
-                    if entry.name in RESIZED_EMBEDDINGS:
-                        tensor = append_rows(tensor, entry.shape[0])
-                    tensor = tensor.to(entry.dtype)
+                for entry, tensor in islice(tensors, len(shard)):
+                    bar.set_postfix_str(f"{entry.source.name} -> {shard_name}", refresh=False)
                     out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-                    del tensor  # so that closing an input file unmaps it
+                    del tensor
                     bar.update()
     if len(shards) > 1:
         index = {

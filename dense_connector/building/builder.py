@@ -12,6 +12,7 @@ conversion's pieces (`dense_connector.conversion`) for everything a converted fo
 import logging
 import os
 import tempfile
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,17 +22,17 @@ from safetensors.torch import save_file
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
-from .chat_templates import _RENDER_CONTENT, CHAT_TEMPLATES
-from .configuration_dense_connector import DenseConnectorConfig
-from .connector_dense_connector import DenseConnector
-from .conversion.config import BOOKKEEPING_FIELDS, Translation, tower_vision_config
-from .conversion.convert import DTYPES, check_folder, check_output, staged_output
-from .conversion.folder import build_generation_config, build_processor, summarize_dropped, write_code
-from .conversion.sources import ConversionError, read_json, resolve_source, source_weights, tensor_metadata
-from .conversion.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, convert_tokenizer, padded_vocab_size
-from .conversion.weights import PlanBuilder, TensorPlan, write_weights
-from .modeling_dense_connector import DenseConnectorForConditionalGeneration
-from .processing_dense_connector import DenseConnectorProcessor
+from ..chat_templates import CHAT_TEMPLATES, with_media_placeholders
+from ..configuration_dense_connector import DenseConnectorConfig
+from ..connector_dense_connector import DenseConnector
+from ..conversion.config import BOOKKEEPING_FIELDS, Translation, tower_vision_config
+from ..conversion.convert import DTYPES, check_folder, check_output, staged_output
+from ..conversion.folder import build_generation_config, build_processor, summarize_dropped, write_code
+from ..conversion.sources import ConversionError, read_json, resolve_source, source_weights, tensor_metadata
+from ..conversion.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, convert_tokenizer, padded_vocab_size
+from ..conversion.weights import PlanBuilder, TensorPlan, read_planned, write_weights
+from ..modeling_dense_connector import DenseConnectorForConditionalGeneration
+from ..processing_dense_connector import DenseConnectorProcessor
 
 
 logger = logging.getLogger(__name__)
@@ -45,23 +46,6 @@ class BuildError(ConversionError):
 VERSIONS = {"v1": "vicuna_v1", "vicuna_v1": "vicuna_v1", "llama_3": "llama_3", "native": "native"}
 LLAMA_3_PAD = "<|reserved_special_token_0|>"  # what the original's training pads Llama-3 with
 LM_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]  # config and tokenizer files of a Hub LM
-
-# Prepended to a language model's own chat template: every message's content becomes a string with its images'
-# and videos' placeholders first, each followed by a newline, as in this package's templates.
-NATIVE_PRELUDE = (
-    _RENDER_CONTENT
-    + """
-{%- set media_ns = namespace(messages=[]) -%}
-{%- for message in messages -%}
-    {%- if message["content"] is string -%}
-        {%- set media_ns.messages = media_ns.messages + [message] -%}
-    {%- else -%}
-        {%- set media_ns.messages = media_ns.messages + [dict(message, content=render(message["content"]))] -%}
-    {%- endif -%}
-{%- endfor -%}
-{%- set messages = media_ns.messages -%}
-"""
-)
 
 
 @dataclass
@@ -113,10 +97,23 @@ def read_language_model(source: str) -> tuple[Path, dict, str]:
             raise BuildError(
                 f"The language model {source} {why} ({field} in its config.json), which is not supported."
             )
+    if not (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
+        raise BuildError(
+            f"The language model {source} has no tokenizer (neither tokenizer.model nor tokenizer.json); give the "
+            "folder or Hub repository that holds the model with its tokenizer."
+        )
     if "text_config" in config or config.get("is_encoder_decoder"):
         raise BuildError(f"The language model {source} is not a plain causal language model ({model_type!r}).")
     model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
     return folder, config, model_class.base_model_prefix
+
+
+def lm_model_max_length(lm_folder: Path) -> int | None:
+    """The `model_max_length` the LM's tokenizer config sets, unless it is transformers' "no limit" placeholder."""
+    if not (lm_folder / "tokenizer_config.json").is_file():
+        return None
+    length = read_json(lm_folder / "tokenizer_config.json").get("model_max_length")
+    return length if isinstance(length, int) and length < 10**9 else None
 
 
 def default_version(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -144,17 +141,30 @@ def set_pad_token(tokenizer: PreTrainedTokenizerBase, version: str, source: str)
         tokenizer.pad_token = LLAMA_3_PAD
 
 
-def chat_template(tokenizer: PreTrainedTokenizerBase, version: str, source: str) -> str:
+def own_chat_template(lm_folder: Path) -> str | None:
+    """The language model's own chat template: `chat_template.jinja`, else `tokenizer_config.json`'s (the default
+    one of a list of named templates)."""
+    if (lm_folder / "chat_template.jinja").is_file():
+        return (lm_folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if not (lm_folder / "tokenizer_config.json").is_file():
+        return None
+    template = read_json(lm_folder / "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):
+        template = {entry.get("name"): entry.get("template") for entry in template}.get("default")
+    return template or None
+
+
+def chat_template(lm_folder: Path, version: str, source: str) -> str:
+    """This package's template of the version, or (`native`) the LM's own one taking image and video items too."""
     if version != "native":
         return CHAT_TEMPLATES[version]
-    template = tokenizer.chat_template
-    if isinstance(template, dict):
-        template = template.get("default")
+    template = own_chat_template(lm_folder)
     if not template:
         raise BuildError(
-            f"The tokenizer of {source} has no chat template; pass --version v1 or llama_3 (the original's formats)."
+            f"The language model {source} has no chat template of its own (none in tokenizer_config.json or "
+            "chat_template.jinja), which --version native uses; pass --version v1 or llama_3 (the original's formats)."
         )
-    return NATIVE_PRELUDE + template
+    return with_media_placeholders(template)
 
 
 def generation_config(tokenizer: PreTrainedTokenizerBase, version: str, lm_folder: Path) -> GenerationConfig:
@@ -205,6 +215,15 @@ def build_config(
     return config
 
 
+def connector_options_from(options: dict) -> ConnectorOptions:
+    try:
+        return ConnectorOptions(**options)
+    except TypeError as error:
+        raise BuildError(
+            f"Unknown build option ({error}); the options are {sorted(ConnectorOptions.__dataclass_fields__)}."
+        ) from None
+
+
 def prepare_build(
     vision_tower: str | os.PathLike,
     language_model: str | os.PathLike,
@@ -220,17 +239,17 @@ def prepare_build(
     tower_folder = resolve_source(tower_source, "vision tower", ["*.json"])
     vision, family = tower_vision_config(read_json(tower_folder / "config.json"))
     lm_folder, lm_config, lm_prefix = read_language_model(lm_source)
+    if dtype is not None and dtype not in DTYPES:
+        raise BuildError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}.")
     stored = lm_config.get("dtype") or lm_config.get("torch_dtype")
     torch_dtype = DTYPES[dtype or (stored if stored in DTYPES else "float32")]
 
-    tokenizer = convert_tokenizer(lm_folder, {})
+    tokenizer = convert_tokenizer(lm_folder, {"tokenizer_model_max_length": lm_model_max_length(lm_folder)})
     version = VERSIONS[version] if version else default_version(tokenizer)
     set_pad_token(tokenizer, version, lm_source)
-    template = chat_template(tokenizer, version, lm_source)
+    template = chat_template(lm_folder, version, lm_source)
     config = build_config(vision, family, lm_config, tokenizer, options, torch_dtype)
-    # The conversion's processor (tower preprocessing, `pad`), with this version's template in place of its own.
-    processor = build_processor(Translation(config, family, "pad"), tokenizer, tower_folder, "vicuna_v1")
-    processor.chat_template = template
+    processor = build_processor(Translation(config, family, "pad"), tokenizer, tower_folder, template)
     return Build(
         tower_source,
         tower_folder,
@@ -358,11 +377,7 @@ def build_checkpoint(
     """
     output = Path(output).expanduser().resolve()
     check_output(output, overwrite)
-    try:
-        options = ConnectorOptions(**connector_options)
-    except TypeError as error:
-        raise BuildError(f"Unknown build option: {error}") from None
-    build = prepare_build(vision_tower, language_model, version, dtype, options)
+    build = prepare_build(vision_tower, language_model, version, dtype, connector_options_from(connector_options))
     with torch.device("meta"):
         meta_model = DenseConnectorForConditionalGeneration(build.config)
     with tempfile.TemporaryDirectory() as scratch:
@@ -378,3 +393,36 @@ def build_checkpoint(
             (staging / "README.md").write_text(card, encoding="utf-8")
     logger.info("Built %s (%s)", output, "; ".join(checks))
     return output
+
+
+def build_model(
+    vision_tower: str | os.PathLike,
+    language_model: str | os.PathLike,
+    version: str | None = None,
+    dtype: str | None = None,
+    seed: int = 0,
+    **connector_options,
+) -> DenseConnectorForConditionalGeneration:
+    """The model `build_checkpoint` writes, in memory (same weights, same fresh projector for the same `seed`)."""
+    build = prepare_build(vision_tower, language_model, version, dtype, connector_options_from(connector_options))
+    with torch.device("meta"):
+        meta_model = DenseConnectorForConditionalGeneration(build.config)
+    with tempfile.TemporaryDirectory() as scratch:
+        plan = plan_build(build, meta_model, initial_projector(build.config, Path(scratch), seed))
+        with closing(read_planned(plan.entries)) as tensors:
+            state_dict = {entry.name: tensor for entry, tensor in tensors}
+        model = DenseConnectorForConditionalGeneration.from_pretrained(
+            None, config=build.config, state_dict=state_dict, dtype=build.dtype
+        )
+    model.generation_config = build.generation_config
+    return model.eval()
+
+
+def build_processor_for(
+    vision_tower: str | os.PathLike, language_model: str | os.PathLike, version: str | None = None, **connector_options
+) -> DenseConnectorProcessor:
+    """The processor of the model built from these parts with these options (tokenizer, image preprocessing,
+    chat template of the version)."""
+    return prepare_build(
+        vision_tower, language_model, version, None, connector_options_from(connector_options)
+    ).processor
