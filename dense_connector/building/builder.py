@@ -9,6 +9,7 @@ template and model card into a staging folder, loads and probes it, and only the
 conversion's pieces (`dense_connector.conversion`) for everything a converted folder has too.
 """
 
+import functools
 import logging
 import os
 import tempfile
@@ -215,6 +216,21 @@ def build_config(
     return config
 
 
+def refused_as_build_errors(function):
+    """`function`, with the conversion helpers' refusals (a tower or file they cannot read) raised as `BuildError`."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except BuildError:
+            raise
+        except ConversionError as error:
+            raise BuildError(str(error)) from None
+
+    return wrapper
+
+
 def connector_options_from(options: dict) -> ConnectorOptions:
     try:
         return ConnectorOptions(**options)
@@ -224,6 +240,7 @@ def connector_options_from(options: dict) -> ConnectorOptions:
         ) from None
 
 
+@refused_as_build_errors
 def prepare_build(
     vision_tower: str | os.PathLike,
     language_model: str | os.PathLike,
@@ -289,6 +306,7 @@ def initial_projector(config: DenseConnectorConfig, folder: Path, seed: int) -> 
     return path
 
 
+@refused_as_build_errors
 def plan_build(build: Build, meta_model: DenseConnectorForConditionalGeneration, projector: Path) -> TensorPlan:
     """Every tensor of the built model: tower (up to the deepest layer read), language model, fresh projector."""
     tied = build.config.tie_word_embeddings
