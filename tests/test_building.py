@@ -24,6 +24,7 @@ from hub_parts import (
     siglip_model_repo,
     vicuna_repo,
 )
+from PIL import Image
 from safetensors.torch import load_file
 from tiny import REPO, run_without_package
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -245,8 +246,6 @@ def test_built_folders_run_as_remote_code_through_pipeline(built, tmp_path):
     folders = {name: str(folder) for name, folder in built.items()}
     run_without_package(PIPELINE.format(folders=folders), tmp_path)
     remote = json.loads((tmp_path / "answers.json").read_text())
-    from PIL import Image
-
     image = Image.new("RGB", (40, 30), (200, 40, 40))
     for name, folder in built.items():
         model = AutoModelForImageTextToText.from_pretrained(folder).eval()
@@ -474,3 +473,24 @@ def test_hub_ids_download_the_files_each_part_needs(parts, built, tmp_path, monk
     }
     assert "tokenizer.model" in downloaded["lmsys--vicuna-7b-v1.5"]
     assert "preprocessor_config.json" in downloaded["openai--clip-vit-large-patch14-336"]
+
+
+def test_native_keeps_the_language_models_own_bos_once(parts, tmp_path):
+    """Llama-3-Instruct's own template writes the BOS itself: the processor must not add a second one."""
+    folder = copy_part(parts["llama_3"], tmp_path / "llama_3_instruct")
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["chat_template"] = (
+        "{{- bos_token -}}{%- for message in messages -%}{{- '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' -}}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+    )
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    processor = builder.prepare_build(
+        parts["clip_vision"], folder, "native", None, builder.ConnectorOptions()
+    ).processor
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is it?")
+    ids = processor(images=[Image.new("RGB", (32, 32))], text=prompt)["input_ids"][0]
+    bos = processor.tokenizer.bos_token_id
+    assert ids[0] == bos and ids[1] != bos

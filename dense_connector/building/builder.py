@@ -5,8 +5,9 @@ original runs it, without its last layer and head), the language model, and a fr
 first (tower config, tokenizer with `<image>`/`<video>` and the pad token of the conversation version, config with the
 connector options, processor, generation config); `build_checkpoint` then plans every tensor, streams the parts'
 weights bit for bit into safetensors shards (never holding a model in memory), writes remote code, processor, chat
-template and model card into a staging folder, loads and probes it, and only then moves it into place. It reuses the
-conversion's pieces (`dense_connector.conversion`) for everything a converted folder has too.
+template and model card into a staging folder, loads and probes it, and only then moves it into place; `build_model`
+reads the same tensors into a model in memory. It reuses the conversion's pieces (`dense_connector.conversion`) for
+everything a converted folder has too.
 """
 
 import functools
