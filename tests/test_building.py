@@ -24,12 +24,13 @@ from hub_parts import (
     siglip_model_repo,
     vicuna_repo,
 )
+from huggingface_hub import HfApi
 from PIL import Image
 from safetensors.torch import load_file
 from tiny import REPO, run_without_package
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from dense_connector import DenseConnectorConfig, DenseConnectorForConditionalGeneration, DenseConnectorProcessor
+from dense_connector import DenseConnectorConfig, DenseConnectorForConditionalGeneration, DenseConnectorProcessor, cli
 from dense_connector.building import BuildError, build_checkpoint, builder
 from dense_connector.connector_dense_connector import DenseConnector
 from dense_connector.conversion import sources, weights
@@ -393,6 +394,7 @@ BAD_INPUTS = {
     ),
     "no tokenizer": (without_tokenizer, {}, "has no tokenizer"),
     "unknown version": (lambda p, t: p["vicuna"], {"version": "v2"}, "version='v2' is not one of"),
+    "stage-1 format": (lambda p, t: p["vicuna"], {"version": "plain"}, "the format of stage-1 training"),
     "native without a template": (lambda p, t: p["vicuna"], {"version": "native"}, "has no chat template"),
     "unknown option": (lambda p, t: p["vicuna"], {"projector_type": "mlp"}, "Unknown build option"),
     "layer outside the tower": (
@@ -494,3 +496,26 @@ def test_native_keeps_the_language_models_own_bos_once(parts, tmp_path):
     ids = processor(images=[Image.new("RGB", (32, 32))], text=prompt)["input_ids"][0]
     bos = processor.tokenizer.bos_token_id
     assert ids[0] == bos and ids[1] != bos
+
+
+def test_push_to_hub_uploads_the_built_folder(parts, tmp_path, monkeypatch, capsys):
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = (repo_id, kwargs)
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, repo_id, folder_path, commit_message, **kwargs):
+        calls["upload_folder"] = (repo_id, sorted(path.name for path in Path(folder_path).iterdir()), commit_message)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    output = tmp_path / "out"
+    argv = ["build", "--vision-tower", str(parts["clip_vision"]), "--language-model", str(parts["qwen2"])]
+    argv += ["--output", str(output), "--push-to-hub", "someone/dc-qwen2", "--private", "--no-progress"]
+    assert cli.main(argv) == 0
+    assert calls["create_repo"] == ("someone/dc-qwen2", {"private": True, "exist_ok": True})
+    repo_id, files, message = calls["upload_folder"]
+    assert repo_id == "someone/dc-qwen2" and files == sorted(path.name for path in output.iterdir())
+    assert "config.json" in files and message.startswith("Dense Connector built from")
+    assert capsys.readouterr().out.strip() == str(output)

@@ -252,6 +252,11 @@ def prepare_build(
     """Read the parts' configs and tokenizer and decide the config, processor and generation config (no weights)."""
     options = options or ConnectorOptions()
     tower_source, lm_source = str(vision_tower), str(language_model)
+    if version == "plain":
+        raise BuildError(
+            "version='plain' is the format of stage-1 training (examples/finetune.py --version plain), not one to "
+            "chat in; build with the format of stage 2 and inference: v1, llama_3 or native."
+        )
     if version is not None and version not in VERSIONS:
         raise BuildError(f"version={version!r} is not one of {sorted(VERSIONS)}.")
     tower_folder = resolve_source(tower_source, "vision tower", ["*.json"])

@@ -11,7 +11,7 @@ import re
 
 from dense_connector.checkpoints import UsageError, status
 from dense_connector.conversion.cli import parse_size, sigterm_as_exit
-from dense_connector.conversion.convert import DTYPES
+from dense_connector.conversion.convert import DTYPES, upload
 from dense_connector.conversion.sources import ConversionError
 
 from .builder import VERSIONS, build_checkpoint
@@ -65,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the language model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the projector's initialisation (default 0)")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the built folder to this Hub repository")
+    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     parser.add_argument(
         "--max-shard-size", type=parse_size, default=5 * 10**9, help="largest output shard (default: 5GB)"
@@ -97,5 +99,8 @@ def run(args: argparse.Namespace) -> int:
     except ConversionError as error:
         raise UsageError(str(error)) from error
     status(f"built model written to {folder}")
+    if args.push_to_hub:
+        message = f"Dense Connector built from {args.vision_tower} and {args.language_model}"
+        upload(folder, args.push_to_hub, private=args.private, commit_message=message)
     print(folder)
     return 0

@@ -234,14 +234,14 @@ def convert_checkpoint(
     return output
 
 
-def upload(folder: Path, repo_id: str, private: bool = False, original: str = "") -> str:
+def upload(
+    folder: Path, repo_id: str, private: bool = False, original: str = "", commit_message: str | None = None
+) -> str:
     """Upload the finished folder to the Hub in one commit; returns the repository id."""
     api = HfApi()
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        commit_message=f"Dense Connector converted from {original}" if original else "Dense Connector conversion",
-    )
+    if commit_message is None:
+        commit_message = f"Dense Connector converted from {original}" if original else "Dense Connector conversion"
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
     logger.info("Uploaded %s to https://huggingface.co/%s", folder, repo_id)
     return repo_id
