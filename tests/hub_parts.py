@@ -1,11 +1,12 @@
 """Tiny local stand-ins of the Hub repositories a Dense Connector is built from, laid out as the Hub has them.
 
 Towers: a full `CLIPModel` (`openai/clip-vit-large-patch14-336`), a full `SiglipModel`
-(`google/siglip-so400m-patch14-384`, pooling head included) and a vision-only `CLIPVisionModel`; each has 6 vision
-layers (SigLIP 7, of which the original runs 6), 32 px images, 4 px patches. Language models: Vicuna (Llama with the
-fixtures' SentencePiece `tokenizer.model`, `legacy: false`), Llama-3-Instruct (`tokenizer.json` only, with
-`<|reserved_special_token_0|>`) and Qwen2 (byte-level BPE, tied embeddings, its own ChatML chat template). Weights are
-random (seeded), saved with `save_pretrained` as the Hub's safetensors repositories are.
+(`google/siglip-so400m-patch14-384`, pooling head included), vision-only `CLIPVisionModel` and `SiglipVisionModel`;
+each has 6 vision layers (SigLIP 7, of which the original runs 6), 32 px images, 4 px patches. Language models:
+Vicuna (Llama with the fixtures' SentencePiece `tokenizer.model`, `legacy: false`), Llama-3-Instruct
+(`tokenizer.json` only, with `<|reserved_special_token_0|>`) and Qwen2 (byte-level BPE, tied embeddings, its own
+ChatML chat template). Weights are random (seeded), saved with `save_pretrained` as the Hub's safetensors
+repositories are.
 """
 
 import json
@@ -29,6 +30,8 @@ from transformers import (
     SiglipConfig,
     SiglipImageProcessor,
     SiglipModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
 )
 
 
@@ -94,6 +97,13 @@ def siglip_model_repo(folder: Path) -> Path:
         vision_config={**VISION, "num_hidden_layers": TOWER_LAYERS + 1},
     )
     save(SiglipModel(config), folder, seed=3)
+    SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
+    return folder
+
+
+def siglip_vision_repo(folder: Path) -> Path:
+    """A vision-only `SiglipVisionModel` repository (all its layers and its pooling head, as on the Hub)."""
+    save(SiglipVisionModel(SiglipVisionConfig(**VISION, num_hidden_layers=TOWER_LAYERS + 1)), folder, seed=7)
     SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
     return folder
 

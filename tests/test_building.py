@@ -22,6 +22,7 @@ from hub_parts import (
     llama_3_repo,
     qwen2_repo,
     siglip_model_repo,
+    siglip_vision_repo,
     vicuna_repo,
 )
 from huggingface_hub import HfApi
@@ -42,6 +43,7 @@ BUILDS = {
     "clip_vicuna": ("clip_model", "vicuna", "v1"),
     "siglip_llama_3": ("siglip_model", "llama_3", "llama_3"),
     "vision_qwen2": ("clip_vision", "qwen2", "native"),
+    "siglip_vision_vicuna": ("siglip_vision", "vicuna", "v1"),
 }
 
 
@@ -52,6 +54,7 @@ def parts(tmp_path_factory) -> dict[str, Path]:
         "clip_model": clip_model_repo,
         "siglip_model": siglip_model_repo,
         "clip_vision": clip_vision_repo,
+        "siglip_vision": siglip_vision_repo,
         "vicuna": vicuna_repo,
         "llama_3": llama_3_repo,
         "qwen2": qwen2_repo,
@@ -98,10 +101,11 @@ def test_tower_weights_are_the_vision_model_up_to_the_deepest_layer_read(built, 
     assert layers_kept == (TOWER_LAYERS if name.startswith("siglip") else TOWER_LAYERS - 1)
     kept = 0
     for source_name, tensor in tower.items():
-        name_in_model = "model.vision_tower." + source_name.removeprefix("vision_model.")
-        layer = source_name.split("encoder.layers.")[1].split(".")[0] if "encoder.layers." in source_name else None
+        vision_name = source_name.removeprefix("vision_model.")
+        name_in_model = "model.vision_tower." + vision_name
+        layer = vision_name.split(".")[2] if vision_name.startswith("encoder.layers.") else None
         text_half = source_name.startswith(("text_model.", "visual_projection", "text_projection", "logit_"))
-        if text_half or ".head." in source_name or (layer is not None and int(layer) >= layers_kept):
+        if text_half or vision_name.startswith("head.") or (layer is not None and int(layer) >= layers_kept):
             assert name_in_model not in ours, f"{source_name} should be left out"
             continue
         assert torch.equal(ours[name_in_model], tensor), source_name
