@@ -356,9 +356,13 @@ def test_build_command_writes_the_ablation_it_is_given(parts, tmp_path):
     assert all(tensor.dtype == torch.bfloat16 for tensor in weights_of(output).values())
     assert "seed 3" in (output / "README.md").read_text()
 
-    refused = run_cli(*common, "--output", str(tmp_path / "l3"), "--version", "llama_3", "--overwrite")
-    assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert f"no {LLAMA_3_PAD} token, which the llama_3 version pads with" in refused.stderr
+
+def test_build_command_refuses_in_one_line(parts, tmp_path, capsys):
+    argv = ["build", "--vision-tower", str(parts["clip_vision"]), "--language-model", str(parts["vicuna"])]
+    assert cli.main([*argv, "--output", str(tmp_path / "l3"), "--version", "llama_3"]) == 1
+    error = capsys.readouterr().err
+    assert f"error: The tokenizer of {parts['vicuna']} has no {LLAMA_3_PAD} token, which the llama_3" in error
+    assert "Traceback" not in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "l3").exists() and leftovers(tmp_path) == []
 
 
