@@ -527,3 +527,15 @@ def test_push_to_hub_uploads_the_built_folder(parts, tmp_path, monkeypatch, caps
     assert repo_id == "someone/dc-qwen2" and files == sorted(path.name for path in output.iterdir())
     assert "config.json" in files and message.startswith("Dense Connector built from")
     assert capsys.readouterr().out.strip() == str(output)
+
+
+@pytest.mark.parametrize(
+    ("lm_config", "tied"),
+    [
+        ({"model_type": "llama"}, False),
+        ({"model_type": "gemma"}, True),
+        ({"model_type": "llama", "tie_word_embeddings": True}, True),
+    ],
+)
+def test_tied_embeddings_follow_the_language_models_config_or_its_class_default(lm_config, tied):
+    assert builder.tied_embeddings(lm_config) is tied

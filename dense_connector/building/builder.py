@@ -182,6 +182,15 @@ def generation_config(tokenizer: PreTrainedTokenizerBase, version: str, lm_folde
     return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
 
 
+def tied_embeddings(lm_config: dict) -> bool:
+    """Whether the LM ties its head to its input embeddings: its config says so, else its config class's default
+    (Gemma ties, Llama does not)."""
+    tied = lm_config.get("tie_word_embeddings")
+    if tied is None:
+        tied = transformers.AutoConfig.for_model(lm_config["model_type"]).tie_word_embeddings
+    return bool(tied)
+
+
 def build_config(
     vision: dict, family: str, lm_config: dict, tokenizer, options: ConnectorOptions, dtype: torch.dtype
 ) -> DenseConnectorConfig:
@@ -208,7 +217,7 @@ def build_config(
             projector_depth=options.projector_depth,
             multimodal_projector_bias=True,
             image_downsample_factor=options.image_downsample_factor,
-            tie_word_embeddings=bool(lm_config.get("tie_word_embeddings", False)),
+            tie_word_embeddings=tied_embeddings(lm_config),
         )
     except (ValueError, TypeError) as error:
         raise BuildError(f"The connector options do not fit these parts: {error}") from None
