@@ -13,7 +13,7 @@ from transformers.utils import logging
 from transformers.utils.chat_template_utils import render_jinja_template
 from transformers.video_utils import is_batched_video, is_valid_video
 
-from .configuration_dense_connector import building_module, num_anyres_tokens, num_tile_tokens, num_video_tokens
+from .configuration_dense_connector import num_anyres_tokens, num_tile_tokens, num_video_tokens
 
 
 IMAGE_BACKENDS = ("pil", "torchvision")
@@ -127,15 +127,6 @@ class DenseConnectorProcessor(ProcessorMixin):
         if backend == "pil":
             processor.image_processor = pil_image_processor(processor.image_processor)
         return processor
-
-    @classmethod
-    def from_vision_text_pretrained(
-        cls, vision_tower, language_model, version: str | None = None, **connector_options
-    ) -> "DenseConnectorProcessor":
-        """The processor of `DenseConnectorForConditionalGeneration.from_vision_text_pretrained(vision_tower,
-        language_model, version=version, **connector_options)`: the LM's tokenizer with `<image>` / `<video>` and the
-        version's pad token and chat template, the tower's image preprocessing. Needs the `dense-connector` package."""
-        return building_module().build_processor_for(vision_tower, language_model, version, **connector_options)
 
     @property
     def model_input_names(self) -> list[str]:

@@ -237,12 +237,8 @@ for name, folder in {folders}.items():
     out = pipe(text=messages, max_new_tokens=4, return_tensors=True)[0]["generated_token_ids"]
     answers[name] = out.tolist() if torch.is_tensor(out) else list(out)
     assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "DenseConnectorModel"
-try:
-    type(pipe.model).from_vision_text_pretrained("tower", "lm")
-except ImportError as error:
-    assert "needs the dense-connector package" in str(error), error
-else:
-    raise SystemExit("from_vision_text_pretrained built a model without the package")
+# Building is package code: the remote code does not carry it.
+assert not hasattr(type(pipe.model), "from_vision_text_pretrained")
 open("answers.json", "w").write(json.dumps(answers))
 """
 

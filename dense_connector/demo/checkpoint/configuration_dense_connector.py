@@ -287,17 +287,4 @@ def num_anyres_tokens(
     return tile_tokens + rows * (cols + 1)
 
 
-def building_module():
-    """`dense_connector.building`, which makes new models from a vision tower and a language model. It is part of the
-    `dense-connector` package, not of the remote code a checkpoint ships, so the package must be installed."""
-    try:
-        import dense_connector.building as building
-    except ImportError as error:
-        raise ImportError(
-            "Building a Dense Connector model from a vision tower and a language model needs the dense-connector "
-            f"package ({error}); install it, then call this method again."
-        ) from error
-    return building
-
-
 __all__ = ["DenseConnectorConfig"]

@@ -15,12 +15,7 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.hub import hf_api
 
-from .configuration_dense_connector import (
-    DenseConnectorConfig,
-    building_module,
-    select_best_resolution,
-    unpadded_grid_size,
-)
+from .configuration_dense_connector import DenseConnectorConfig, select_best_resolution, unpadded_grid_size
 from .connector_dense_connector import DenseConnector
 
 
@@ -424,17 +419,6 @@ class DenseConnectorForConditionalGeneration(DenseConnectorPreTrainedModel, Gene
         self.model = DenseConnectorModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-
-    @classmethod
-    def from_vision_text_pretrained(
-        cls, vision_tower: str | os.PathLike, language_model: str | os.PathLike, **kwargs
-    ) -> "DenseConnectorForConditionalGeneration":
-        """A new model from a vision tower and a causal LM (folders or Hub ids): their weights and a freshly
-        initialised projector, to be trained. `kwargs` are `dense-connector build`'s options (`version`, `dtype`,
-        `seed`, `connector`, `dense_connector_layers`, `dense_connector_groups`, `projector_depth`,
-        `image_downsample_factor`, ...); `DenseConnectorProcessor.from_vision_text_pretrained` with the same ones
-        gives its processor. Needs the `dense-connector` package."""
-        return building_module().build_model(vision_tower, language_model, **kwargs)
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
