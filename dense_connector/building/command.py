@@ -49,7 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "template); default: from the tokenizer",
     )
     parser.add_argument(
-        "--dense-connector-layers", type=int, nargs="+", metavar="L", help="STI/SCI hidden states (default 7 15)"
+        "--dense-connector-layers",
+        type=int,
+        nargs="+",
+        metavar="L",
+        help="STI/SCI hidden states (default 7 15 for 24 or 26 layers)",
     )
     parser.add_argument(
         "--dense-connector-groups",
