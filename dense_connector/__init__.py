@@ -11,6 +11,7 @@ from transformers import (
     AutoProcessor,
 )
 
+from .building import model_from_parts, processor_from_parts
 from .configuration_dense_connector import DenseConnectorConfig
 from .modeling_dense_connector import (
     DenseConnectorForConditionalGeneration,
@@ -29,6 +30,11 @@ DenseConnectorConfig.register_for_auto_class()
 DenseConnectorModel.register_for_auto_class("AutoModel")
 DenseConnectorForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 DenseConnectorProcessor.register_for_auto_class("AutoProcessor")
+
+# Building from parts is package code, not remote code (a checkpoint ships only the four files above, which import
+# nothing but transformers and torch), so the package attaches it to the classes here.
+DenseConnectorForConditionalGeneration.from_vision_text_pretrained = classmethod(model_from_parts)
+DenseConnectorProcessor.from_vision_text_pretrained = classmethod(processor_from_parts)
 
 __all__ = [
     "DenseConnectorConfig",

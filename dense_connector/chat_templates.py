@@ -129,4 +129,25 @@ def stop_token_ids(tokenizer, conv_mode: str) -> list[int]:
     return [vocab[token] for token in STOP_TOKENS[conv_mode]]
 
 
+# Turns each message's content items into one string (placeholders first), then the model's own template runs.
+_MEDIA_AS_TEXT = """
+{%- set media_ns = namespace(messages=[]) -%}
+{%- for message in messages -%}
+    {%- if message["content"] is string -%}
+        {%- set media_ns.messages = media_ns.messages + [message] -%}
+    {%- else -%}
+        {%- set media_ns.messages = media_ns.messages + [dict(message, content=render(message["content"]))] -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- set messages = media_ns.messages -%}
+"""
+
+
+def with_media_placeholders(chat_template: str) -> str:
+    """A language model's own chat template (e.g. Qwen2's) that also takes image and video content items: each
+    message's placeholders come first, each followed by a newline, as in the templates above. BOS and
+    `{% generation %}` markers stay as that template has them (it decides whether a BOS is written)."""
+    return _RENDER_CONTENT + _MEDIA_AS_TEXT + chat_template
+
+
 __all__ = ["CHAT_TEMPLATES", "LLAMA_3_SYSTEM", "STOP_TOKENS", "VICUNA_V1_SYSTEM", "stop_token_ids"]

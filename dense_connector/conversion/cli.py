@@ -10,6 +10,8 @@ import logging
 import re
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from ..chat_templates import CHAT_TEMPLATES
 from .convert import DTYPES, convert_checkpoint
@@ -57,7 +59,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds through convert_checkpoint, which removes its staging folder
+    raise SystemExit(128 + signum)  # unwinds through the staged writing, which removes its staging folder
+
+
+@contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Inside the block, a termination signal (`kill`) exits the way Ctrl-C does, so staged writing cleans up."""
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -66,26 +78,24 @@ def run_from_args(args: argparse.Namespace) -> int:
     A termination signal (`kill`) is turned into an exit that cleans up like Ctrl-C does.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        folder = convert_checkpoint(
-            original=args.original,
-            output=args.output,
-            vision_tower=args.vision_tower,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            verify_against=args.verify_against,
-            conv_mode=args.conv_mode,
-            push_to_hub=args.push_to_hub,
-            private=args.private,
-            max_shard_size=args.max_shard_size,
-            progress=not args.no_progress,
-        )
+        with sigterm_as_exit():
+            folder = convert_checkpoint(
+                original=args.original,
+                output=args.output,
+                vision_tower=args.vision_tower,
+                dtype=args.dtype,
+                overwrite=args.overwrite,
+                verify_against=args.verify_against,
+                conv_mode=args.conv_mode,
+                push_to_hub=args.push_to_hub,
+                private=args.private,
+                max_shard_size=args.max_shard_size,
+                progress=not args.no_progress,
+            )
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
     print(f"Converted model written to {folder}")
     return 0
 

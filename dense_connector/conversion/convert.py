@@ -3,13 +3,16 @@
 This module owns the order of the steps and their safety: `prepare_conversion` reads and translates everything and
 plans every tensor before anything is written; `convert_checkpoint` writes the folder under a temporary name next to
 the output, checks it, writes the model card, and renames it into place only when all passed, leaving nothing behind
-on any failure (including Ctrl-C); `upload` pushes the finished folder to the Hub.
+on any failure (including Ctrl-C: `staged_output`, which building uses too); `upload` pushes the finished folder
+to the Hub.
 """
 
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +57,31 @@ def move_into_place(staging: Path, output: Path) -> None:
     staging.rename(output)
     if old is not None:
         shutil.rmtree(old)
+
+
+@contextmanager
+def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
+    """A hidden staging folder next to `output`, moved into place when the block ends without error.
+
+    On any failure, including Ctrl-C, the staging folder and the parent folders this created are removed, so nothing
+    half-written is left. `output` is checked again just before the move (nobody may have filled it meanwhile).
+    """
+    created = [folder for folder in [output.parent, *output.parent.parents] if not folder.exists()]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = None
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result should not be
+        yield staging
+        check_output(output, overwrite)
+        move_into_place(staging, output)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
 
 
 @dataclass
@@ -131,7 +159,7 @@ def write_folder(conversion: Conversion, folder: Path, max_shard_size: int, prog
     config.save_pretrained(folder)
     build_generation_config(conversion.tokenizer, conversion.conv_mode).save_pretrained(folder)
     processor = build_processor(
-        conversion.translation, conversion.tokenizer, conversion.tower_folder, conversion.conv_mode
+        conversion.translation, conversion.tokenizer, conversion.tower_folder, CHAT_TEMPLATES[conversion.conv_mode]
     )
     processor.save_pretrained(folder)
 
@@ -195,24 +223,10 @@ def convert_checkpoint(
         logger.info(note)
     logger.info("Tensors left out on purpose: %s", summarize_dropped(conversion.plan.dropped))
 
-    created = [folder for folder in [output.parent, *output.parent.parents] if not folder.exists()]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = None
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result should not be
+    with staged_output(output, overwrite) as staging:
         write_folder(conversion, staging, max_shard_size, progress)
         checks = check_folder(staging, conversion.dtype, verify_against)
         write_model_card(conversion, staging, checks)
-        check_output(output, overwrite)  # nobody filled it meanwhile
-        move_into_place(staging, output)
-    except BaseException:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        for folder in created:
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        raise
     for check in checks:
         logger.info("Check passed: %s", check)
     if push_to_hub:
@@ -220,14 +234,14 @@ def convert_checkpoint(
     return output
 
 
-def upload(folder: Path, repo_id: str, private: bool = False, original: str = "") -> str:
+def upload(
+    folder: Path, repo_id: str, private: bool = False, original: str = "", commit_message: str | None = None
+) -> str:
     """Upload the finished folder to the Hub in one commit; returns the repository id."""
     api = HfApi()
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        commit_message=f"Dense Connector converted from {original}" if original else "Dense Connector conversion",
-    )
+    if commit_message is None:
+        commit_message = f"Dense Connector converted from {original}" if original else "Dense Connector conversion"
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
     logger.info("Uploaded %s to https://huggingface.co/%s", folder, repo_id)
     return repo_id

@@ -12,7 +12,7 @@ from pathlib import Path
 from transformers import GenerationConfig, LlavaImageProcessorPil, LlavaNextImageProcessorPil
 from transformers.dynamic_module_utils import custom_object_save
 
-from ..chat_templates import CHAT_TEMPLATES, stop_token_ids
+from ..chat_templates import stop_token_ids
 from ..modeling_dense_connector import DenseConnectorForConditionalGeneration
 from ..processing_dense_connector import DenseConnectorProcessor
 from .config import Translation
@@ -72,8 +72,9 @@ def image_processor_settings(tower: str, tower_folder: Path, image_size: int) ->
 
 
 def build_processor(
-    translation: Translation, tokenizer, tower_folder: Path, conv_mode: str
+    translation: Translation, tokenizer, tower_folder: Path, chat_template: str
 ) -> DenseConnectorProcessor:
+    """The processor: the tower's image preprocessing (`translation.preprocessing`), `tokenizer`, `chat_template`."""
     config = translation.config
     settings = image_processor_settings(translation.tower, tower_folder, config.vision_config.image_size)
     if translation.preprocessing == "anyres":
@@ -85,7 +86,7 @@ def build_processor(
     return DenseConnectorProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATES[conv_mode],
+        chat_template=chat_template,
         image_token=IMAGE_TOKEN,
         video_token=VIDEO_TOKEN,
         patch_size=config.vision_config.patch_size,

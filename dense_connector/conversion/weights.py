@@ -12,9 +12,10 @@ import math
 import re
 import struct
 from collections import Counter
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -87,6 +88,68 @@ def _target_dtype(dtype: torch.dtype, target: torch.dtype) -> torch.dtype:
     return target if dtype.is_floating_point else dtype
 
 
+class PlanBuilder:
+    """Collects the tensors to write, each checked against the model's state dict, and finishes them into a plan.
+
+    `expected` maps the model's tensor names to shapes; embedding matrices may have fewer rows (they are padded to the
+    new vocabulary when written). `finish` stops, listing them, on tensors that map to nothing the model has, on
+    tensors the model needs that no source holds, on tensors given twice and on shapes that do not fit.
+    """
+
+    def __init__(self, expected: dict[str, tuple[int, ...]], dtype: torch.dtype):
+        self.expected, self.dtype = expected, dtype
+        self.entries: list[TensorEntry] = []
+        self.dropped: dict[str, str] = {}
+        self.unknown: list[str] = []
+        self.mismatched: list[str] = []
+
+    def add(self, path: Path, name: str, new_name: str, shape: tuple[int, ...], tensor_dtype: torch.dtype) -> None:
+        expected = self.expected.get(new_name)
+        if expected is None:
+            self.unknown.append(name)
+            return
+        if new_name in RESIZED_EMBEDDINGS:
+            if len(shape) != 2 or shape[1] != expected[1] or shape[0] > expected[0]:
+                self.mismatched.append(f"{name}: {list(shape)} vs {list(expected)}")
+            shape = expected
+        elif shape != tuple(expected):
+            self.mismatched.append(f"{name}: {list(shape)} vs {list(expected)}")
+        self.entries.append(TensorEntry(path, name, new_name, shape, _target_dtype(tensor_dtype, self.dtype)))
+
+    def add_tower(self, tower_files: list[Path], layers_used: int) -> None:
+        """The vision model's tensors of a tower repository (`*VisionModel`, or the vision half of `CLIPModel` /
+        `SiglipModel`), up to the deepest layer the connector reads."""
+        for path in tower_files:
+            for name, (shape, tensor_dtype) in tensor_metadata(path).items():
+                new_name, reason = rename_tower_tensor(name, layers_used)
+                if name.startswith(NOT_VISION_PREFIXES):
+                    new_name, reason = None, "text half of the tower repository"
+                if new_name is None:
+                    self.dropped[name] = reason
+                else:
+                    self.add(path, name, new_name, shape, tensor_dtype)
+
+    def has_tower(self) -> bool:
+        return any(entry.name.startswith("model.vision_tower.") for entry in self.entries)
+
+    def finish(self, tower_from: str, what: str, unknown_hint: str, mismatch_hint: str) -> "TensorPlan":
+        """The plan (`tower_from` says where the tower came from, `what` names the result in messages)."""
+        if self.unknown:
+            raise ConversionError(
+                f"{len(self.unknown)} tensor(s) fit nothing in the {what}, which would lose them: "
+                f"{sorted(self.unknown)}. {unknown_hint}"
+            )
+        counts = Counter(entry.name for entry in self.entries)
+        duplicates = sorted(name for name, count in counts.items() if count > 1)
+        missing = sorted(set(self.expected) - set(counts))
+        if duplicates or missing or self.mismatched:
+            problems = [f"missing: {missing}" if missing else "", f"given twice: {duplicates}" if duplicates else ""]
+            problems.append(f"shapes that do not fit: {self.mismatched}" if self.mismatched else "")
+            listed = "; ".join(problem for problem in problems if problem)
+            raise ConversionError(f"The weights do not fit the {what}'s config ({listed}). {mismatch_hint}")
+        return TensorPlan(entries=self.entries, dropped=self.dropped, tower_from=tower_from)
+
+
 def plan_tensors(
     checkpoint_files: list[Path],
     tower_files: Callable[[], list[Path]],
@@ -97,59 +160,26 @@ def plan_tensors(
 ) -> TensorPlan:
     """Map every tensor of the checkpoint (and of the tower when the checkpoint lacks it) onto the model's names.
 
-    Stops, listing them, on tensors that map to nothing the model has, on tensors the model needs that no source
-    holds, and on shapes that do not fit. `tower_files` is called only when the tower weights are needed.
+    Stops as `PlanBuilder.finish` does. `tower_files` is called only when the tower weights are needed.
     """
-    entries, dropped, unknown, mismatched = [], {}, [], []
-
-    def add(path: Path, name: str, new_name: str, shape: tuple[int, ...], tensor_dtype: torch.dtype) -> None:
-        if new_name not in expected:
-            unknown.append(name)
-            return
-        if new_name in RESIZED_EMBEDDINGS:
-            if len(shape) != 2 or shape[1] != expected[new_name][1] or shape[0] > expected[new_name][0]:
-                mismatched.append(f"{name}: {list(shape)} vs {list(expected[new_name])}")
-            shape = expected[new_name]
-        elif shape != tuple(expected[new_name]):
-            mismatched.append(f"{name}: {list(shape)} vs {list(expected[new_name])}")
-        entries.append(TensorEntry(path, name, new_name, shape, _target_dtype(tensor_dtype, dtype)))
-
+    plan = PlanBuilder(expected, dtype)
     for path in checkpoint_files:
         for name, (shape, tensor_dtype) in tensor_metadata(path).items():
             new_name, reason = rename_checkpoint_tensor(name, layers_used)
             if new_name is None:
-                dropped[name] = reason
+                plan.dropped[name] = reason
             else:
-                add(path, name, new_name, shape, tensor_dtype)
-
+                plan.add(path, name, new_name, shape, tensor_dtype)
     tower_from = "checkpoint"
-    if not any(entry.name.startswith("model.vision_tower.") for entry in entries):
+    if not plan.has_tower():
         tower_from = tower_source
-        for path in tower_files():
-            for name, (shape, tensor_dtype) in tensor_metadata(path).items():
-                if name.startswith(NOT_VISION_PREFIXES):
-                    continue
-                new_name, _ = rename_tower_tensor(name, layers_used)
-                if new_name is not None:
-                    add(path, name, new_name, shape, tensor_dtype)
-
-    if unknown:
-        raise ConversionError(
-            f"{len(unknown)} tensor(s) fit nothing in the converted model, so converting would lose them: "
-            f"{sorted(unknown)}. Is this an original Dense Connector / LLaVA-1.5 checkpoint?"
-        )
-    counts = Counter(entry.name for entry in entries)
-    duplicates = sorted(name for name, count in counts.items() if count > 1)
-    missing = sorted(set(expected) - set(counts))
-    if duplicates or missing or mismatched:
-        problems = [f"missing: {missing}" if missing else "", f"given twice: {duplicates}" if duplicates else ""]
-        problems.append(f"shapes that do not fit: {mismatched}" if mismatched else "")
-        raise ConversionError(
-            "The weights do not fit the converted config ("
-            + "; ".join(p for p in problems if p)
-            + "). Check that --vision-tower is the tower this checkpoint was trained with."
-        )
-    return TensorPlan(entries=entries, dropped=dropped, tower_from=tower_from)
+        plan.add_tower(tower_files(), layers_used)
+    return plan.finish(
+        tower_from,
+        "converted model",
+        unknown_hint="Is this an original Dense Connector / LLaVA-1.5 checkpoint?",
+        mismatch_hint="Check that --vision-tower is the tower this checkpoint was trained with.",
+    )
 
 
 def shard_plan(entries: list[TensorEntry], max_shard_bytes: int) -> list[list[TensorEntry]]:
@@ -188,6 +218,22 @@ def append_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([weight, mean.expand(rows - weight.shape[0], -1)])
 
 
+def read_planned(entries: list[TensorEntry]) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
+    """Each planned tensor in order, read, padded to its planned rows and cast; one input file is open
+    (memory-mapped) at a time, released before the next one is mapped."""
+    with ExitStack() as inputs:
+        source, get = None, None
+        for entry in entries:
+            if entry.source != source:
+                inputs.close()
+                source, get = entry.source, inputs.enter_context(open_tensors(entry.source))
+            tensor = get(entry.original_name)
+            if entry.name in RESIZED_EMBEDDINGS:
+                tensor = append_rows(tensor, entry.shape[0])
+            yield entry, tensor.to(entry.dtype)
+            del tensor  # so that closing an input file unmaps it
+
+
 def write_weights(plan: TensorPlan, folder: Path, max_shard_bytes: int, progress: bool = True) -> list[str]:
     """Stream every planned tensor into safetensors shards in `folder`; returns the shard file names.
 
@@ -200,23 +246,15 @@ def write_weights(plan: TensorPlan, folder: Path, max_shard_bytes: int, progress
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    bar = tqdm(total=len(plan.entries), unit="tensor", desc="Converting weights", disable=not progress)
-    with bar, ExitStack() as inputs:
-        source, get = None, None
+    bar = tqdm(total=len(plan.entries), unit="tensor", desc="Writing weights", disable=not progress)
+    with bar, closing(read_planned(plan.entries)) as tensors:
         for shard_name, shard in zip(names, shards):
             with open(folder / shard_name, "wb") as out:
                 out.write(safetensors_header(shard))
-                for entry in shard:
-                    if entry.source != source:
-                        inputs.close()  # release the previous input file before mapping the next one
-                        source, get = entry.source, inputs.enter_context(open_tensors(entry.source))
-                        bar.set_postfix_str(f"{entry.source.name} -> {shard_name}")
-                    tensor = get(entry.original_name)
-                    if entry.name in RESIZED_EMBEDDINGS:
-                        tensor = append_rows(tensor, entry.shape[0])
-                    tensor = tensor.to(entry.dtype)
+                for entry, tensor in islice(tensors, len(shard)):
+                    bar.set_postfix_str(f"{entry.source.name} -> {shard_name}", refresh=False)
                     out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-                    del tensor  # so that closing an input file unmaps it
+                    del tensor
                     bar.update()
     if len(shards) > 1:
         index = {
