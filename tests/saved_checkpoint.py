@@ -1,7 +1,6 @@
 """A tiny Dense Connector saved with `save_pretrained` (model + processor + chat template), a folder fine-tuned from a
 checkpoint by `examples/finetune.py`, and sample images."""
 
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +11,6 @@ from PIL import Image
 from tiny import REPO, tiny_config, tiny_model, tiny_processor
 
 from dense_connector.chat_templates import CHAT_TEMPLATES, stop_token_ids
-from dense_connector.demo_data import make_examples, to_conversation
 
 
 def save_tiny_checkpoint(path: Path, conv_mode: str = "vicuna_v1", seed: int = 0) -> Path:
@@ -29,17 +27,12 @@ def save_tiny_checkpoint(path: Path, conv_mode: str = "vicuna_v1", seed: int = 0
 
 
 def finetune_with_script(base: Path, output: Path, steps: int = 1) -> Path:
-    """Fine-tune `base` for `steps` steps on 4 demo records with `examples/finetune.py`, run as a user runs it (its
-    own process, on CPU); `output` then holds what the script saves (model, processor, remote code)."""
-    data = output.parent / f"{output.name}-data"
-    data.mkdir(parents=True)
-    examples = make_examples(4, seed=3)
-    for index, example in enumerate(examples):
-        example.image.save(data / f"{index}.png")
-    records = [to_conversation(example, f"{index}.png") for index, example in enumerate(examples)]
-    (data / "data.json").write_text(json.dumps(records))
+    """Fine-tune `base` for `steps` steps on the README's example records with `examples/finetune.py`, run as a user
+    runs it (its own process, on CPU); `output` then holds what the script saves (model, processor, remote code)."""
+    data = REPO / "examples" / "data"
     command = [sys.executable, str(REPO / "examples" / "finetune.py"), "--model_name_or_path", str(base)]
-    command += ["--data_path", str(data / "data.json"), "--image_folder", str(data), "--output_dir", str(output)]
+    command += ["--data_path", str(data / "shapes_llava.json"), "--image_folder", str(data)]
+    command += ["--output_dir", str(output)]
     command += ["--max_steps", str(steps), "--per_device_train_batch_size", "2", "--save_strategy", "no"]
     command += ["--report_to", "none", "--use_cpu", "--seed", "0"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
