@@ -159,8 +159,13 @@ def anyres_processor(config: DenseConnectorConfig) -> DenseConnectorProcessor:
     )
 
 
-def run_without_package(script: str, tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `script` in a fresh Python where `import dense_connector` fails, offline, with its own HF cache."""
+def run_without_package(
+    script: str, tmp_path: Path, timeout: int = 300, stdin=subprocess.DEVNULL
+) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh Python where `import dense_connector` fails, offline, with its own HF cache.
+
+    `stdin` defaults to none at all, as a harness or server runs it (a remote-code prompt then fails, not waits);
+    pass the read end of a pipe kept open to catch a prompt that would block an interactive user."""
     env = {
         **os.environ,
         "HF_HOME": str(tmp_path / "hf_home"),
@@ -175,7 +180,7 @@ def run_without_package(script: str, tmp_path: Path, timeout: int = 300) -> subp
         capture_output=True,
         text=True,
         timeout=timeout,
-        stdin=subprocess.DEVNULL,  # as a harness or server runs it: a remote-code prompt would fail, not wait
+        stdin=stdin,
     )
     assert result.returncode == 0, f"remote-code subprocess failed:\n{result.stdout}\n{result.stderr}"
     return result

@@ -6,6 +6,10 @@ converted fixtures' language model (4 heads of 16) is read as 2 heads of 32, in 
 
 Prompts given as text or chat messages are tokenised by vLLM as a whole; the converted tokenizers reproduce the
 original's chunk-wise ids that way (the `▁` after each image included), so those prompt ids are compared too.
+
+The fixtures are converted by `dense-connector convert` run as a user runs it. The OpenAI-compatible servers serve
+folders made by the command-line tools (a converted fixture, a demo checkpoint fine-tuned by `examples/finetune.py`)
+with the package blocked in every Python process of theirs, as `vllm serve` runs where the package is not imported.
 """
 
 import base64
@@ -24,10 +28,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from saved_checkpoint import finetune_with_script
+from tiny import HIDE_PACKAGE
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from vllm import LLM, SamplingParams
 
-from dense_connector.conversion import convert_checkpoint
 from dense_connector.demo_data import make_examples
 from dense_connector.integrations.vllm import token_prompt
 
@@ -52,10 +57,12 @@ ENGINE = {
 
 
 def convert_fixture(name: str, output: Path) -> Path:
-    """Convert a reference fixture, then read its language model's 4 heads of 16 as 2 heads of 32."""
-    convert_checkpoint(
-        FIXTURES / name / "original", output, vision_tower=FIXTURES / name / "vision_tower", progress=False
-    )
+    """`dense-connector convert` on a reference fixture, then its language model's 4 heads of 16 read as 2 of 32."""
+    command = [Path(sys.executable).parent / "dense-connector", "convert", "--original", FIXTURES / name / "original"]
+    command += ["--vision-tower", FIXTURES / name / "vision_tower", "--output", output, "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
     config = json.loads((output / "config.json").read_text())
     config["text_config"].update(num_attention_heads=2, num_key_value_heads=2, head_dim=32)
     (output / "config.json").write_text(json.dumps(config, indent=2))
@@ -73,6 +80,8 @@ class Reference:
 
     def __init__(self, folder: Path):
         self.model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+        stop_ids = self.model.generation_config.eos_token_id
+        self.stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids])  # where a default request stops
         self.model.generation_config.eos_token_id = None  # vLLM's `ignore_eos`: keep going past EOS
         self.processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 
@@ -98,15 +107,21 @@ class Reference:
         return output[0, input_ids.shape[1] :].tolist()
 
 
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> dict[str, Path]:
+    """The `clip_dci` and `siglip_dci` fixtures, converted once for the engines and the server."""
+    return {name: convert_fixture(name, tmp_path_factory.mktemp(name) / "hf") for name in ("clip_dci", "siglip_dci")}
+
+
 @pytest.fixture(scope="module", params=["demo", "clip_dci", "siglip_dci"])
-def served(request, tmp_path_factory):
+def served(request, converted):
     """(name, vLLM engine, transformers reference, prompt, images) for each checkpoint, one engine at a time."""
     name = request.param
     if name == "demo":
         folder, images = DEMO, [Image.open(DEMO.parent / "sample.png").convert("RGB")] * 2
         prompt = "USER: <image>\nHow many shapes are there? ASSISTANT:"
     else:
-        folder, images = convert_fixture(name, tmp_path_factory.mktemp(name) / "hf"), fixture_images(name)
+        folder, images = converted[name], fixture_images(name)
         prompt = json.loads((FIXTURES / name / "meta.json").read_text())["prompt"]
     llm = LLM(model=str(folder), seed=0, **ENGINE)
     yield name, llm, Reference(folder), prompt, images
@@ -206,19 +221,51 @@ def post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
+BLOCKER = (
+    HIDE_PACKAGE
+    + """
+import os
+
+with open(os.environ["DENSE_CONNECTOR_BLOCKED_LOG"], "a") as log:
+    log.write(f"{os.getpid()}\\n")
+"""
+)
+
+
+def package_blocker(folder: Path) -> dict[str, str]:
+    """Environment variables under which every Python process (vLLM's engine processes too) fails to import the
+    package and writes its process id to `folder / "blocked.log"`: a `sitecustomize` on `PYTHONPATH`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(BLOCKER)
+    return {"PYTHONPATH": str(folder), "DENSE_CONNECTOR_BLOCKED_LOG": str(folder / "blocked.log")}
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """vLLM's OpenAI-compatible server on the demo checkpoint, on 127.0.0.1 and a free port; always stopped."""
-    folder = tmp_path_factory.mktemp("demo") / "checkpoint"
-    shutil.copytree(DEMO, folder)
+def finetuned(tmp_path_factory) -> Path:
+    """The demo checkpoint fine-tuned for one step by `examples/finetune.py` (a folder the package writes)."""
+    base = tmp_path_factory.mktemp("base") / "checkpoint"
+    shutil.copytree(DEMO, base)
+    return finetune_with_script(base, tmp_path_factory.mktemp("finetuned") / "out")
+
+
+@pytest.fixture(scope="module", params=["clip_dci", "finetuned"])
+def server(request, converted, tmp_path_factory):
+    """(url, transformers reference, image) of vLLM's OpenAI-compatible server on a folder made by the command-line
+    tools, on 127.0.0.1 and a free port, the package blocked in its processes; always stopped."""
+    if request.param == "clip_dci":
+        folder, image = converted["clip_dci"], fixture_images("clip_dci")[0]
+    else:
+        folder, image = request.getfixturevalue("finetuned"), make_examples(1, seed=11)[0].image
+    blocked = tmp_path_factory.mktemp("blocked")
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", "demo", "--seed", "0"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", "dense-connector", "--seed", "0"]
     command += ["--trust-remote-code", "--dtype", "float32", "--enforce-eager", "--skip-mm-profiling"]
     command += ["--kv-cache-memory-bytes", str(256 * 2**20), "--distributed-executor-backend", "uni"]
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **package_blocker(blocked)}
     process = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=blocked
     )
     try:
         deadline = time.monotonic() + 300
@@ -231,7 +278,8 @@ def server(tmp_path_factory):
                     log.seek(0)
                     pytest.fail(f"the vLLM server did not start:\n{log.read()[-5000:]}")
                 time.sleep(1)
-        yield f"http://127.0.0.1:{port}"
+        assert str(process.pid) in (blocked / "blocked.log").read_text().split()  # the server ran blocked
+        yield f"http://127.0.0.1:{port}", Reference(folder), image
     finally:
         process.terminate()
         try:
@@ -242,46 +290,47 @@ def server(tmp_path_factory):
         log.close()
 
 
-def server_chat(server: str, image: Image.Image, question: str) -> dict:
-    """/v1/chat/completions with the image as a base64 data URL; returns the response with its token ids."""
+QUESTION = "Describe the picture in detail."
+
+
+def server_chat(url: str, image: Image.Image, extra_body: dict | None = None) -> dict:
+    """/v1/chat/completions with the image as a base64 data URL and `extra_body`'s fields (none: a default
+    request, in which the chat template writes BOS)."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    body = {
-        "model": "demo",
-        "messages": [
-            {
-                "role": "user",
-                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
-            }
-        ],
-        "max_tokens": NEW_TOKENS,
-        "temperature": 0,
-        "ignore_eos": True,
-        "return_token_ids": True,  # a default request otherwise: no extra_body, the template writes BOS
-    }
-    return post(f"{server}/v1/chat/completions", body)
+    data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    content = [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": QUESTION}]
+    body = {"model": "dense-connector", "messages": [{"role": "user", "content": content}]}
+    body.update(max_tokens=NEW_TOKENS, temperature=0, **(extra_body or {}))
+    return post(f"{url}/v1/chat/completions", body)
 
 
-@pytest.fixture(scope="module")
-def demo_reference():
-    return Reference(DEMO)
+def expected_chat(reference: Reference, image: Image.Image, stop: bool) -> tuple[list[int], list[int], str]:
+    """transformers' prompt ids, greedy answer ids and answer text: EOS ignored, or with `stop` cut before the
+    first of the checkpoint's stop ids (as a default request stops)."""
+    text = reference.processor.apply_chat_template(chat(QUESTION), add_generation_prompt=True)
+    prompt_ids = reference.prompt_ids(text, [image])
+    answer_ids = reference.generate(prompt_ids, [image])
+    if stop:
+        cut = next((index for index, token in enumerate(answer_ids) if token in reference.stop_ids), len(answer_ids))
+        answer_ids = answer_ids[:cut]
+    decode = reference.processor.decode  # vLLM detokenises the answer in context, after the prompt
+    prompt_text = decode(prompt_ids, skip_special_tokens=True)
+    return prompt_ids, answer_ids, decode(prompt_ids + answer_ids, skip_special_tokens=True)[len(prompt_text) :]
 
 
-def test_openai_server_answers_as_transformers(server, demo_reference):
-    image = make_examples(1, seed=11)[0].image
-    response = server_chat(server, image, "How many shapes are there?")
-    choice = response["choices"][0]
-    expected = demo_reference.generate(response["prompt_token_ids"], [image])
-    assert choice["token_ids"] == expected
-    decode = demo_reference.processor.decode  # vLLM detokenises the answer in context, after the prompt
-    prompt_text = decode(response["prompt_token_ids"], skip_special_tokens=True)
-    answer_text = decode(response["prompt_token_ids"] + expected, skip_special_tokens=True)[len(prompt_text) :]
-    assert choice["message"]["content"] == answer_text
+def test_openai_server_default_request_answers_as_transformers(server):
+    url, reference, image = server
+    response = server_chat(url, image)  # no extra_body: it stops where the checkpoint stops
+    prompt_ids, _, answer_text = expected_chat(reference, image, stop=True)
+    assert response["choices"][0]["message"]["content"] == answer_text
+    assert response["usage"]["prompt_tokens"] == len(prompt_ids)
 
 
-def test_openai_server_prompt_ids_are_the_processors(server, demo_reference):
-    image = make_examples(1, seed=11)[0].image
-    response = server_chat(server, image, "How many shapes are there?")
-    text = demo_reference.processor.apply_chat_template(chat("How many shapes are there?"), add_generation_prompt=True)
-    assert response["prompt_token_ids"] == demo_reference.prompt_ids(text, [image])
+def test_openai_server_ids_are_transformers(server):
+    url, reference, image = server
+    response = server_chat(url, image, {"ignore_eos": True, "return_token_ids": True})
+    prompt_ids, answer_ids, answer_text = expected_chat(reference, image, stop=False)
+    assert response["prompt_token_ids"] == prompt_ids  # BOS included
+    assert response["choices"][0]["token_ids"] == answer_ids
+    assert response["choices"][0]["message"]["content"] == answer_text
