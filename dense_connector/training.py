@@ -243,6 +243,9 @@ class DenseConnectorDataCollator:
     dropped with a warning, as is a record left with no assistant token to learn from. A batch whose records are
     all dropped raises.
 
+    With the `plain` template (stage 1) every record must be one image, one user turn and one caption. A record with
+    no assistant turn, or whose image is missing, raises an error naming it.
+
     Use it with `TrainingArguments(remove_unused_columns=False)`, since it needs the raw record fields.
     """
 
@@ -278,9 +281,15 @@ class DenseConnectorDataCollator:
                 "it has no assistant turn (`gpt` in `conversations`, `assistant` in `messages`) to train on."
             )
         if self.plain and not image_refs:
-            raise ValueError("it has no `image`; the plain format (stage 1) trains on image captions only.")
+            raise ValueError(
+                "it has no `image`; the plain format (stage 1) trains on image captions only (conversations train "
+                "with --version v1 or llama_3)."
+            )
         if self.plain and roles != ["user", "assistant"]:
-            raise ValueError(f"the plain format takes one user turn and one caption; it has the turns {roles}.")
+            raise ValueError(
+                f"the plain format takes one user turn and one caption; it has the turns {roles} (conversations "
+                "train with --version v1 or llama_3)."
+            )
         return messages, image_refs
 
     def encode(self, record: dict) -> tuple[list[int], list[int], dict[str, torch.Tensor]] | None:

@@ -172,3 +172,16 @@ def test_projector_files_that_do_not_fit_are_refused(finetune, base, tmp_path):
     data = write_dataset(tmp_path / "data", 2)
     with pytest.raises(ValueError, match="--save_projector_only needs --tune projector"):
         finetune.main(finetune_args(base, data, tmp_path / "out", "projector+lm", 1, ["--save_projector_only"]))
+
+
+def test_stage_2_starts_from_a_full_stage_1_folder(finetune, base, tmp_path):
+    data = write_dataset(tmp_path / "data", 4)
+    finetune.main(finetune_args(base, data, tmp_path / "stage1", "projector", 1, ["--version", "plain"]))
+    saved = tmp_path / "stage1"
+    assert (saved / "model.safetensors").is_file() and not (saved / PROJECTOR_FILE).exists()
+    mixed = mixed_dataset(tmp_path / "mixed", images=2, texts=2)
+    with pytest.raises(ValueError, match=r"no `image`; the plain format.*--version v1"):
+        finetune.main(finetune_args(saved, mixed, tmp_path / "stage2", "projector+lm", 1))  # still the plain template
+    trainer = finetune.main(finetune_args(saved, mixed, tmp_path / "stage2", "projector+lm", 1, ["--version", "v1"]))
+    assert trainer.state.global_step == 1
+    assert trainer.processing_class.chat_template == CHAT_TEMPLATES["vicuna_v1"]
