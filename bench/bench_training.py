@@ -10,7 +10,7 @@ temporaries), "total" adds the weights and the AdamW state that live through tra
 
     .venv/bin/python bench/bench_training.py                # CPU: 24-layer CLIP at 112 px, one 7B-wide layer
     .venv/bin/python bench/bench_training.py --tiny         # smoke test, seconds
-    python bench/bench_training.py --device cuda --dtype bfloat16 --image-size 336 --lm-layers 32 --batch 4 --reps 5
+    python bench/bench_training.py --device cuda --dtype bfloat16 --image-size 336 --lm-layers 32 --batch 2 --reps 5
 """
 
 import argparse
