@@ -185,3 +185,18 @@ def test_stage_2_starts_from_a_full_stage_1_folder(finetune, base, tmp_path):
     trainer = finetune.main(finetune_args(saved, mixed, tmp_path / "stage2", "projector+lm", 1, ["--version", "v1"]))
     assert trainer.state.global_step == 1
     assert trainer.processing_class.chat_template == CHAT_TEMPLATES["vicuna_v1"]
+
+
+def test_version_sets_the_template_and_the_stop_tokens(finetune):
+    processor, model = tiny_processor(CONFIG), tiny_model(CONFIG)
+    for version in ("v1", "vicuna_v1"):
+        finetune.set_conversation_format(processor, model, version)
+        assert processor.chat_template == CHAT_TEMPLATES["vicuna_v1"]
+        assert model.generation_config.eos_token_id == [processor.tokenizer.convert_tokens_to_ids("</s>")]
+    finetune.set_conversation_format(processor, model, "plain")
+    assert processor.chat_template == CHAT_TEMPLATES["plain"]
+    with pytest.raises(ValueError, match=r"no \['<\|eot_id\|>', '<\|end_of_text\|>'\] token"):
+        finetune.set_conversation_format(processor, model, "llama_3")  # a Vicuna tokenizer
+    processor.chat_template = None
+    with pytest.raises(ValueError, match="pass --version"):
+        finetune.set_conversation_format(processor, model, None)
