@@ -14,6 +14,7 @@ import bench_compile
 import bench_encoding
 import bench_feature_memory
 import bench_generate
+import bench_training
 import torch
 from common import setup
 
@@ -44,6 +45,8 @@ def main():
     print()
     frames = 32 if options.tiny else 14  # 14 CLIP-L/336 frames take 4032 of Llama-7B's 4096 positions
     bench_feature_memory.run(argparse.Namespace(**vars(copy.copy(common)), batch=8, frames=frames))
+    print()
+    bench_training.run(argparse.Namespace(**vars(copy.copy(common)), batch=1 if options.tiny else 2))
     if not options.no_compile:
         print()
         bench_compile.run(argparse.Namespace(**vars(copy.copy(common)), new_tokens=options.new_tokens))

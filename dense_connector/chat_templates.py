@@ -1,4 +1,5 @@
-"""Jinja chat templates for the two conversation formats of the released Dense Connector checkpoints.
+"""Jinja chat templates for the two conversation formats of the released Dense Connector checkpoints, and `plain`,
+the original's stage-1 (pre-training) format of image captions.
 
 `vicuna_v1` (the Vicuna-7B/13B checkpoints) and `llama_3` (the Llama-3-8B-Instruct checkpoint) render exactly the
 prompts of the original conversation code, including its quirk that `llama_3` puts assistant turns under the
@@ -112,7 +113,26 @@ LLAMA_3 = (
 """
 )
 
-CHAT_TEMPLATES: dict[str, str] = {"vicuna_v1": VICUNA_V1, "llama_3": LLAMA_3}
+# Stage-1 pre-training (`--version plain`): a user turn renders only its media placeholders (its text is dropped), an
+# assistant turn its text and "\n", the original's `<image>` + caption + `"\n"`; no system prompt, no role markers.
+PLAIN = (
+    _RENDER_CONTENT
+    + """
+{{- bos_token if bos_token is defined else "" -}}
+{%- for message in messages -%}
+    {%- if message["role"] == "user" -%}
+        {%- set text = render(message["content"]) -%}
+        {{- "<image>" * text.count("<image>") + "<video>" * text.count("<video>") -}}
+    {%- elif message["role"] == "assistant" -%}
+        {%- generation -%}{{- render(message["content"]) + "\\n" -}}{%- endgeneration -%}
+    {%- elif not (message["role"] == "system" and loop.first) -%}
+        {{- raise_exception("Unsupported role " + message["role"] + "; plain takes user and assistant messages.") -}}
+    {%- endif -%}
+{%- endfor -%}
+"""
+)
+
+CHAT_TEMPLATES: dict[str, str] = {"vicuna_v1": VICUNA_V1, "llama_3": LLAMA_3, "plain": PLAIN}
 
 # Tokens at which the original stops generating, per conversation format (for `generation_config.eos_token_id`).
 STOP_TOKENS: dict[str, list[str]] = {"vicuna_v1": ["</s>"], "llama_3": ["<|eot_id|>", "<|end_of_text|>"]}

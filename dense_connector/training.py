@@ -20,6 +20,8 @@ from PIL import Image
 from torch import nn
 from transformers import BatchFeature
 
+from .chat_templates import CHAT_TEMPLATES
+
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,8 @@ IGNORE_INDEX = -100
 TUNE_REGIMES = ("projector", "projector+lm", "lora")
 WHITESPACE = re.compile(r"\s*")
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+# The original's `--version` names and the chat templates that render them
+CONVERSATION_VERSIONS = {"plain": "plain", "v1": "vicuna_v1", "vicuna_v1": "vicuna_v1", "llama_3": "llama_3"}
 
 
 class InstructionRecords(Sequence):
@@ -120,7 +124,7 @@ def llava_to_messages(conversations: list[dict], image_token: str = "<image>") -
             )
         value = turn["value"]
         if image_token in value:
-            value = f"{image_token}\n" + value.replace(image_token, "").strip()
+            value = (f"{image_token}\n" + value.replace(image_token, "").strip()).strip()
         messages.append({"role": LLAVA_ROLES[turn["from"]], "content": value})
     return messages
 
@@ -239,6 +243,9 @@ class DenseConnectorDataCollator:
     dropped with a warning, as is a record left with no assistant token to learn from. A batch whose records are
     all dropped raises.
 
+    With the `plain` template (stage 1) every record must be one image, one user turn and one caption. A record with
+    no assistant turn, or whose image is missing, raises an error naming it.
+
     Use it with `TrainingArguments(remove_unused_columns=False)`, since it needs the raw record fields.
     """
 
@@ -251,19 +258,48 @@ class DenseConnectorDataCollator:
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # init_kwargs: what is saved
 
+    @property
+    def plain(self) -> bool:
+        """Whether records are stage-1 captions (the `plain` template): one image and one caption each."""
+        return self.processor.chat_template == CHAT_TEMPLATES["plain"]
+
     def load_image(self, image: str | Path | Image.Image) -> Image.Image:
         if isinstance(image, Image.Image):
             return image.convert("RGB")
         path = Path(self.image_folder or "") / image
         if not path.is_file():
-            raise FileNotFoundError(f"Image {path} not found; check --image_folder and the record's image path.")
+            raise FileNotFoundError(f"its image {path} is not found; check --image_folder and the record's `image`.")
         with Image.open(path) as opened:
             return opened.convert("RGB")
 
-    def encode(self, record: dict) -> tuple[list[int], list[int], dict[str, torch.Tensor]] | None:
-        """Token ids, labels and image tensors of one record, or `None` when it does not fit in `max_length`."""
+    def checked_messages(self, record: dict) -> tuple[list[dict], list]:
+        """The record's messages and images, refused when there is nothing to train on or `plain` lacks an image."""
         messages, image_refs = record_to_messages(record, self.processor.image_token)
-        images = [self.load_image(image) for image in image_refs]
+        roles = [message["role"] for message in messages if message["role"] != "system"]
+        if "assistant" not in roles:
+            raise ValueError(
+                "it has no assistant turn (`gpt` in `conversations`, `assistant` in `messages`) to train on."
+            )
+        if self.plain and not image_refs:
+            raise ValueError(
+                "it has no `image`; the plain format (stage 1) trains on image captions only (conversations train "
+                "with --version v1 or llama_3)."
+            )
+        if self.plain and roles != ["user", "assistant"]:
+            raise ValueError(
+                f"the plain format takes one user turn and one caption; it has the turns {roles} (conversations "
+                "train with --version v1 or llama_3)."
+            )
+        return messages, image_refs
+
+    def encode(self, record: dict) -> tuple[list[int], list[int], dict[str, torch.Tensor]] | None:
+        """Token ids, labels and image tensors of one record, or `None` when it does not fit in `max_length`; a
+        record that cannot be used raises, naming it."""
+        try:
+            messages, image_refs = self.checked_messages(record)
+            images = [self.load_image(image) for image in image_refs]
+        except (ValueError, FileNotFoundError) as error:
+            raise type(error)(f"{record_name(record)} cannot be trained on: {error}") from None
         text, spans = assistant_spans(self.processor, messages)
         # The rendered text starts with the template's BOS; the processor adds no second one.
         encoded = self.processor(images=images or None, text=text, return_tensors="pt")
@@ -308,6 +344,14 @@ class DenseConnectorDataCollator:
             if "image_sizes" in pixels[0]:
                 batch["image_sizes"] = torch.cat([p["image_sizes"] for p in pixels])
         return BatchFeature(batch)
+
+
+def record_name(record: Any) -> str:
+    """`Record id='...'` for records with an `id` (as LLaVA data has), else the start of its JSON."""
+    if isinstance(record, dict) and "id" in record:
+        return f"Record id={record['id']!r}"
+    text = json.dumps(record, default=str)
+    return f"Record {text[:100]}{'...' if len(text) > 100 else ''}"
 
 
 def concat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -390,6 +434,7 @@ def trainable_parameter_summary(model: nn.Module) -> str:
 
 
 __all__ = [
+    "CONVERSATION_VERSIONS",
     "IGNORE_INDEX",
     "TUNE_REGIMES",
     "DenseConnectorDataCollator",

@@ -9,6 +9,10 @@ language model, projector fully trained); the vision tower stays frozen unless `
     python examples/finetune.py --model_name_or_path path/to/converted --data_path data.json \
         --image_folder images/ --tune projector+lm --output_dir out --learning_rate 2e-5 --bf16
 
+The original's two stages from a built model (`dense-connector build`): stage 1 `--version plain --tune projector
+--save_projector_only` (captions; writes `projector.safetensors`), stage 2 `--version v1 --tune projector+lm
+--pretrained_projector STAGE1/projector.safetensors --group_by_modality_length` from the same built folder.
+
 Several GPUs: `accelerate launch --config_file examples/accelerate/fsdp.yaml examples/finetune.py ...`.
 """
 
@@ -27,7 +31,10 @@ from transformers import (
 )
 
 import dense_connector  # noqa: F401  (registers the Dense Connector classes with the Auto classes)
+from dense_connector.chat_templates import CHAT_TEMPLATES, STOP_TOKENS, stop_token_ids
+from dense_connector.trainer import DenseConnectorTrainer, DenseConnectorTrainingArguments, load_pretrained_projector
 from dense_connector.training import (
+    CONVERSATION_VERSIONS,
     TUNE_REGIMES,
     DenseConnectorDataCollator,
     load_instruction_data,
@@ -41,7 +48,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "Converted Dense Connector checkpoint (folder or Hub id)."})
+    model_name_or_path: str = field(
+        metadata={"help": "Dense Connector checkpoint: built (`dense-connector build`), converted or trained."}
+    )
+    pretrained_projector: str | None = field(
+        default=None,
+        metadata={"help": "Stage 1's projector.safetensors (or the original's mm_projector.bin), loaded into the "
+                  "model before training; the model must be built from the same parts."},
+    )  # fmt: skip
     tune: str = field(
         default="projector+lm",
         metadata={"help": "What to train.", "choices": TUNE_REGIMES},
@@ -65,6 +79,14 @@ class DataArguments:
     data_path: str = field(metadata={"help": "Training records: a JSON list or a .jsonl file."})
     image_folder: str | None = field(default=None, metadata={"help": "Folder the records' image paths are under."})
     eval_data_path: str | None = field(default=None, metadata={"help": "Optional evaluation records."})
+    version: str | None = field(
+        default=None,
+        metadata={
+            "help": "Conversation format, the original's names: plain (stage 1: image + caption), v1 / vicuna_v1, "
+            "llama_3. It becomes the saved chat template. Default: the checkpoint's chat template.",
+            "choices": sorted(CONVERSATION_VERSIONS),
+        },
+    )
     model_max_length: int = field(
         default=2048,
         metadata={
@@ -74,19 +96,34 @@ class DataArguments:
     )
 
 
-def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> Trainer:
-    """Model, processor, data and `Trainer`, ready for `.train()`."""
-    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+def set_conversation_format(processor, model, version: str | None) -> None:
+    """The chat template (and the stop tokens generation uses) of `--version`; the checkpoint's without it."""
+    if version is not None:
+        template = CONVERSATION_VERSIONS[version]
+        processor.chat_template = CHAT_TEMPLATES[template]
+        if template in STOP_TOKENS:
+            model.generation_config.eos_token_id = stop_token_ids(processor.tokenizer, template)
     if processor.chat_template is None:
         raise ValueError(
-            f"The processor of {model_args.model_name_or_path} has no chat template; set one (e.g. "
-            "dense_connector.chat_templates.CHAT_TEMPLATES['vicuna_v1']) and save it with the checkpoint."
+            "The checkpoint's processor has no chat template; pass --version (plain, v1 or llama_3) or save one "
+            "(dense_connector.chat_templates.CHAT_TEMPLATES) with the checkpoint."
         )
+
+
+def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> Trainer:
+    """Model, processor, data and `Trainer`, ready for `.train()`."""
+    if getattr(training_args, "save_projector_only", False) and model_args.tune != "projector":
+        raise ValueError(f"--save_projector_only needs --tune projector (got --tune {model_args.tune}): the other "
+                         "regimes train weights that projector.safetensors does not hold.")  # fmt: skip
+    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype else None
     set_seed(training_args.seed)  # what is initialised here (LoRA) is then the same in every run and on every rank
     model = AutoModelForImageTextToText.from_pretrained(
         model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation
     )
+    set_conversation_format(processor, model, data_args.version)
+    if model_args.pretrained_projector:
+        load_pretrained_projector(model, model_args.pretrained_projector)
     model = prepare_for_training(
         model,
         tune=model_args.tune,
@@ -107,7 +144,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
         processor, image_folder=data_args.image_folder, max_length=data_args.model_max_length
     )
     eval_dataset = load_instruction_data(data_args.eval_data_path) if data_args.eval_data_path else None
-    return Trainer(
+    return DenseConnectorTrainer(
         model=model,
         args=training_args,
         train_dataset=load_instruction_data(data_args.data_path),
@@ -125,13 +162,15 @@ def older_spellings(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> Trainer:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, DenseConnectorTrainingArguments))
     argv = older_spellings(sys.argv[1:] if argv is None else argv)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     trainer = build_trainer(model_args, data_args, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()  # the full model, or the LoRA adapter with the projector; the processor alongside
+    # the full model, the LoRA adapter with the projector, or (--save_projector_only) projector.safetensors; the
+    # processor alongside the first two
+    trainer.save_model()
     return trainer
 
 

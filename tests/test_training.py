@@ -397,3 +397,23 @@ def test_lora_adapter_saves_loads_and_merges(processor, tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-6, rtol=0)
         torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=1e-5)
     assert type(merged).__name__ == "DenseConnectorForConditionalGeneration"
+
+
+def test_unusable_records_are_refused_naming_the_record_and_field(tmp_path):
+    plain = DenseConnectorDataCollator(
+        tiny_processor(CONFIG, chat_template=CHAT_TEMPLATES["plain"]), image_folder=tmp_path
+    )
+    caption = [{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "A box."}]
+    with pytest.raises(ValueError, match=r"Record id='cap-1' .* no `image`; the plain format"):
+        plain([{"id": "cap-1", "conversations": caption}])
+    with pytest.raises(FileNotFoundError, match=r"Record id='cap-2' .*missing.png is not found.*`image`"):
+        plain([{"id": "cap-2", "image": "missing.png", "conversations": caption}])
+    with pytest.raises(
+        ValueError, match=r"one user turn and one caption; it has the turns \['user', 'assistant', 'user'"
+    ):
+        plain([{"id": "cap-3", "image": image(), "conversations": caption + caption}])
+    chat = DenseConnectorDataCollator(tiny_processor(CONFIG, chat_template=CHAT_TEMPLATES["vicuna_v1"]))
+    with pytest.raises(ValueError, match=r"Record \{\"conversations\".* no assistant turn \(`gpt`"):
+        chat([{"conversations": caption[:1]}])
+    text_only = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    assert chat([text_only])["input_ids"].shape[0] == 1  # text-only records are fine outside `plain`

@@ -1,0 +1,202 @@
+"""The original's Trainer choices: batches of one modality, length grouping of raw records, the projector's learning
+rate, and stage 1's projector-only output read back by stage 2."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_training import CONFIG, finetune_args, load_finetune_script, save_tiny_checkpoint, write_dataset
+from tiny import tiny_model, tiny_processor
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from dense_connector.chat_templates import CHAT_TEMPLATES
+from dense_connector.trainer import (
+    PROJECTOR_FILE,
+    ModalityLengthGroupedSampler,
+    load_pretrained_projector,
+    modality_grouped_indices,
+    modality_lengths,
+    record_lengths,
+)
+
+
+@pytest.fixture(scope="module")
+def finetune():
+    return load_finetune_script()
+
+
+def text_record(index: int) -> dict:
+    words = " ".join(["word"] * (index % 5))
+    return {"conversations": [{"from": "human", "value": f"Say {words}"}, {"from": "gpt", "value": f"ok {index}"}]}
+
+
+def mixed_dataset(folder, images: int = 8, texts: int = 6):
+    """`images` image records and `texts` text-only records, interleaved, in one JSON file."""
+    path = write_dataset(folder, images)
+    rows = json.loads(path.read_text())
+    for index in range(texts):
+        rows.insert(2 * index + 1, text_record(index))
+    path.write_text(json.dumps(rows))
+    return path
+
+
+@pytest.fixture()
+def base(tmp_path):
+    save_tiny_checkpoint(tmp_path / "base", tiny_processor(CONFIG, chat_template=CHAT_TEMPLATES["vicuna_v1"]))
+    return tmp_path / "base"
+
+
+def test_modality_lengths_are_the_originals():
+    image = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}]}
+    text = {"messages": [{"role": "user", "content": [{"type": "text", "text": "two words"}]}]}
+    assert modality_lengths([image, text]) == [4, -2]  # "<image>\nWhat is it?" splits into 4 words
+    assert record_lengths([image, text]) == [4 + 128, 2]
+
+
+@pytest.mark.parametrize(("images", "texts", "step"), [(40, 23, 8), (9, 30, 4), (12, 0, 4), (5, 5, 8)])
+def test_every_step_holds_one_modality_but_the_last(images, texts, step):
+    lengths = [index + 1 for index in range(images)] + [-(index + 1) for index in range(texts)]
+    order = modality_grouped_indices(lengths, step, generator=torch.Generator().manual_seed(0))
+    assert sorted(order) == list(range(len(lengths)))
+    runs = [order[start : start + step] for start in range(0, len(order), step)]
+    full = (images // step) + (texts // step)
+    for run in runs[:full]:
+        assert len({lengths[index] > 0 for index in run}) == 1, run
+    assert sum(len(run) for run in runs[full:]) == images % step + texts % step
+    # the runs are shuffled: not all image runs first
+    if images // step > 1 and texts // step > 1:
+        orders = {tuple(modality_grouped_indices(lengths, step, torch.Generator().manual_seed(s))) for s in range(3)}
+        assert len(orders) > 1
+
+
+def test_group_by_modality_length_gives_batches_of_one_modality(finetune, base, tmp_path):
+    data = mixed_dataset(tmp_path / "data", images=8, texts=6)
+    extra = ["--group_by_modality_length", "--gradient_accumulation_steps", "2"]
+    args = finetune_args(base, data, tmp_path / "out", "projector", 1, extra)
+    args[args.index("--per_device_train_batch_size") + 1] = "2"
+    trainer = finetune.build_trainer(
+        *finetune.HfArgumentParser(finetune_parsers(finetune)).parse_args_into_dataclasses(args)
+    )
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, ModalityLengthGroupedSampler) and sampler.step_size == 4
+    batches = list(trainer.get_train_dataloader())
+    kinds = [
+        "image" if batch.get("pixel_values") is not None and len(batch["pixel_values"]) == len(batch["input_ids"])
+        else "text" if batch.get("pixel_values") is None else "mixed"
+        for batch in batches
+    ]  # fmt: skip
+    # 8 image and 6 text-only records, steps of 4: two image steps and one text step, then the 2 text records left
+    assert len(batches) == 7 and kinds[:6].count("image") == 4 and kinds[:6].count("text") == 2
+    assert kinds[-1] == "text"
+    for first in range(0, 6, 2):  # the two batches of one optimizer step share their modality
+        assert kinds[first] == kinds[first + 1]
+    trainer.train()
+
+
+def finetune_parsers(finetune):
+    return (finetune.ModelArguments, finetune.DataArguments, finetune.DenseConnectorTrainingArguments)
+
+
+def test_group_by_length_works_on_raw_records(finetune, base, tmp_path):
+    data = mixed_dataset(tmp_path / "data", images=4, texts=4)
+    trainer = finetune.main(finetune_args(base, data, tmp_path / "out", "projector", 2, ["--group_by_length"]))
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler)
+    assert sampler.lengths == record_lengths(json.loads(data.read_text()))
+    assert trainer.state.global_step == 2
+
+
+def test_mm_projector_lr_gives_the_projector_its_own_learning_rate(finetune, base, tmp_path):
+    data = write_dataset(tmp_path / "data", 4)
+    extra = ["--mm_projector_lr", "1e-2", "--lr_scheduler_type", "constant"]
+    trainer = finetune.main(finetune_args(base, data, tmp_path / "out", "projector+lm", 1, extra))
+    names = {id(param): name for name, param in trainer.model.named_parameters()}
+    rates = {}
+    for group in trainer.optimizer.param_groups:
+        for param in group["params"]:
+            rates[names[id(param)]] = group["lr"]
+    assert {rate for name, rate in rates.items() if ".connector.projector." in name} == {1e-2}
+    assert {rate for name, rate in rates.items() if ".connector.projector." not in name} == {3e-3}
+    assert any("language_model" in name for name in rates) and all(
+        group["params"] for group in trainer.optimizer.param_groups
+    )
+
+
+def test_stage_1_saves_the_projector_only_and_stage_2_starts_from_it(finetune, base, tmp_path):
+    data = write_dataset(tmp_path / "data", 4)
+    stage1 = tmp_path / "stage1"
+    extra = ["--version", "plain", "--save_projector_only"]
+    trainer = finetune.main(finetune_args(base, data, stage1, "projector", 2, extra))
+    assert sorted(path.name for path in stage1.iterdir()) == [PROJECTOR_FILE]
+    saved = load_file(stage1 / PROJECTOR_FILE)
+    trained = trainer.model.state_dict()
+    assert saved and all(name.startswith("model.connector.projector.") for name in saved)
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, trained[name])
+    assert not torch.equal(
+        saved["model.connector.projector.0.weight"],
+        tiny_model(CONFIG).state_dict()["model.connector.projector.0.weight"],
+    )
+
+    extra = ["--version", "v1", "--pretrained_projector", str(stage1 / PROJECTOR_FILE)]
+    stage2 = finetune.build_trainer(
+        *finetune.HfArgumentParser(finetune_parsers(finetune)).parse_args_into_dataclasses(
+            finetune_args(base, data, tmp_path / "stage2", "projector+lm", 1, extra)
+        )
+    )
+    for name, tensor in saved.items():
+        assert torch.equal(stage2.model.state_dict()[name], tensor)
+    assert stage2.processing_class.chat_template == CHAT_TEMPLATES["vicuna_v1"]
+
+
+def test_projector_files_that_do_not_fit_are_refused(finetune, base, tmp_path):
+    from safetensors.torch import save_file
+
+    other = tiny_model(CONFIG)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"model.connector.projector.0.weight": torch.zeros(64, 5)}, wrong)
+    with pytest.raises(ValueError, match="trained for other parts or another connector"):
+        load_pretrained_projector(other, wrong)
+    save_file({"model.language_model.norm.weight": torch.zeros(64)}, wrong)
+    with pytest.raises(ValueError, match="holds no projector"):
+        load_pretrained_projector(other, wrong)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pretrained_projector(other, tmp_path / "missing")
+    # the original's mm_projector.bin, with its key names
+    original = {"model.mm_projector.0.weight": torch.ones_like(other.model.connector.projector[0].weight)}
+    torch.save(original, tmp_path / "mm_projector.bin")
+    load_pretrained_projector(other, tmp_path / "mm_projector.bin")
+    assert torch.equal(other.model.connector.projector[0].weight, original["model.mm_projector.0.weight"])
+
+    data = write_dataset(tmp_path / "data", 2)
+    with pytest.raises(ValueError, match="--save_projector_only needs --tune projector"):
+        finetune.main(finetune_args(base, data, tmp_path / "out", "projector+lm", 1, ["--save_projector_only"]))
+
+
+def test_stage_2_starts_from_a_full_stage_1_folder(finetune, base, tmp_path):
+    data = write_dataset(tmp_path / "data", 4)
+    finetune.main(finetune_args(base, data, tmp_path / "stage1", "projector", 1, ["--version", "plain"]))
+    saved = tmp_path / "stage1"
+    assert (saved / "model.safetensors").is_file() and not (saved / PROJECTOR_FILE).exists()
+    mixed = mixed_dataset(tmp_path / "mixed", images=2, texts=2)
+    with pytest.raises(ValueError, match=r"no `image`; the plain format.*--version v1"):
+        finetune.main(finetune_args(saved, mixed, tmp_path / "stage2", "projector+lm", 1))  # still the plain template
+    trainer = finetune.main(finetune_args(saved, mixed, tmp_path / "stage2", "projector+lm", 1, ["--version", "v1"]))
+    assert trainer.state.global_step == 1
+    assert trainer.processing_class.chat_template == CHAT_TEMPLATES["vicuna_v1"]
+
+
+def test_version_sets_the_template_and_the_stop_tokens(finetune):
+    processor, model = tiny_processor(CONFIG), tiny_model(CONFIG)
+    for version in ("v1", "vicuna_v1"):
+        finetune.set_conversation_format(processor, model, version)
+        assert processor.chat_template == CHAT_TEMPLATES["vicuna_v1"]
+        assert model.generation_config.eos_token_id == [processor.tokenizer.convert_tokens_to_ids("</s>")]
+    finetune.set_conversation_format(processor, model, "plain")
+    assert processor.chat_template == CHAT_TEMPLATES["plain"]
+    with pytest.raises(ValueError, match=r"no \['<\|eot_id\|>', '<\|end_of_text\|>'\] token"):
+        finetune.set_conversation_format(processor, model, "llama_3")  # a Vicuna tokenizer
+    processor.chat_template = None
+    with pytest.raises(ValueError, match="pass --version"):
+        finetune.set_conversation_format(processor, model, None)
