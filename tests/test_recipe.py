@@ -1,19 +1,22 @@
-"""The paper's two-stage recipe in miniature, run as a user runs it: a model built from parts, stage 1 (`--version
-plain --tune projector`, projector saved alone), stage 2 (`--version v1 --tune projector+lm` from the same built
-folder and stage 1's projector, image and text-only records, `--group_by_modality_length`), both through
-`examples/finetune.py` in subprocesses; then the result answers the demo's shapes questions through `pipeline`, in a
-fresh process without the package (remote code), clearly better than the built model did."""
+"""The paper's two-stage recipe in miniature, run as a user runs it: `dense-connector build` on Hub-like parts (a
+CLIP tower and a Llama of the demo's shape, random weights), stage 1 (`--version plain --tune projector`, projector
+saved alone), stage 2 (`--version v1 --tune projector+lm` from the same built folder and stage 1's projector, image
+and text-only records, `--group_by_modality_length`), both through `examples/finetune.py` in subprocesses; then the
+result answers the demo's shapes questions through `pipeline`, in a fresh process without the package (remote
+code), clearly better than the built model did."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tiny import REPO, run_without_package
-from transformers import AutoConfig, AutoProcessor, GenerationConfig
+from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionModel, LlamaForCausalLM
 
-from dense_connector import DenseConnectorForConditionalGeneration
 from dense_connector.demo_data import make_splits, to_conversation
 
 
@@ -21,15 +24,40 @@ DEMO_CHECKPOINT = REPO / "dense_connector" / "demo" / "checkpoint"
 TRAIN_IMAGES, HELDOUT_QUESTIONS = 1000, 80
 
 
+def demo_sized_parts(folder) -> tuple:
+    """Hub-like parts of the demo's shape: a vision-only 4-layer CLIP repository (64 px, 16 px patches) holding the
+    demo's trained tower, a pretrained encoder as the paper's towers are (its last layer, never read, keeps
+    transformers' random initialisation), and an untrained 2-layer Llama (transformers' initialisation, seeded) with
+    the demo's tokenizer (a small vocabulary that covers the shapes questions)."""
+    config = AutoConfig.from_pretrained(DEMO_CHECKPOINT)
+    tower, language_model = folder / "tower", folder / "lm"
+    torch.manual_seed(1)
+    vision_model = CLIPVisionModel(config.vision_config)
+    prefix = "model.vision_tower."
+    trained = {name[len(prefix) :]: tensor for name, tensor in load_file(
+        DEMO_CHECKPOINT / "model.safetensors").items() if name.startswith(prefix)}  # fmt: skip
+    missing, unexpected = vision_model.load_state_dict(trained, strict=False)
+    assert not unexpected and all(".layers.3." in name for name in missing), (missing, unexpected)
+    vision_model.save_pretrained(tower)
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size=64).save_pretrained(tower)
+    torch.manual_seed(2)
+    LlamaForCausalLM(config.text_config).save_pretrained(language_model)
+    shutil.copyfile(DEMO_CHECKPOINT / "tokenizer.json", language_model / "tokenizer.json")
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                        "unk_token": "<unk>", "pad_token": "<pad>"}  # fmt: skip
+    (language_model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return tower, language_model
+
+
 def built_model(tmp_path):
-    """An untrained model folder as `dense-connector build` writes one: the demo's shape (a 4-layer CLIP-like tower, a
-    2-layer Llama, DCI) with freshly initialised weights, the demo's tokenizer and vicuna_v1 chat template."""
+    """`dense-connector build` on the parts, as a user runs it."""
+    tower, language_model = demo_sized_parts(tmp_path / "parts")
     folder = tmp_path / "built"
-    torch.manual_seed(0)
-    model = DenseConnectorForConditionalGeneration(AutoConfig.from_pretrained(DEMO_CHECKPOINT))
-    model.generation_config = GenerationConfig.from_pretrained(DEMO_CHECKPOINT)
-    model.save_pretrained(folder)
-    AutoProcessor.from_pretrained(DEMO_CHECKPOINT).save_pretrained(folder)
+    command = [str(Path(sys.executable).with_name("dense-connector")), "build", "--vision-tower", str(tower),
+               "--language-model", str(language_model), "--connector", "dci", "--version", "v1",
+               "--output", str(folder)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
     return folder
 
 
@@ -112,7 +140,7 @@ def test_build_stage_1_stage_2_then_answers_through_pipeline(tmp_path):
     finetune("--model_name_or_path", str(built), "--pretrained_projector", str(stage1 / "projector.safetensors"),
              "--version", "v1", "--tune", "projector+lm", "--group_by_modality_length",
              "--data_path", str(data / "conversations.json"), "--image_folder", str(data),
-             "--learning_rate", "1e-3", "--max_steps", "120", "--output_dir", str(stage2))  # fmt: skip
+             "--learning_rate", "2e-3", "--max_steps", "120", "--output_dir", str(stage2))  # fmt: skip
 
     script = ANSWERS.format(heldout=str(data / "heldout.json"), folders={"built": str(built), "trained": str(stage2)})
     answers = json.loads(run_without_package(script, tmp_path).stdout.strip().splitlines()[-1])

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..chat_templates import CHAT_TEMPLATES
+from ..chat_templates import STOP_TOKENS
 from .convert import DTYPES, convert_checkpoint
 from .sources import ConversionError
 
@@ -49,7 +49,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--verify-against", metavar="FIXTURE_DIR", help="compare with recorded original outputs (golden.safetensors)"
     )
     parser.add_argument(
-        "--conv-mode", choices=sorted(CHAT_TEMPLATES), help="conversation format (default: from the tokenizer)"
+        "--conv-mode", choices=sorted(STOP_TOKENS), help="conversation format (default: from the tokenizer)"
     )
     parser.add_argument(
         "--max-shard-size", type=parse_size, default=5 * 10**9, help="largest output shard (default: 5GB)"

@@ -20,7 +20,7 @@ import torch
 from huggingface_hub import HfApi
 from transformers import PreTrainedTokenizerFast
 
-from ..chat_templates import CHAT_TEMPLATES
+from ..chat_templates import CHAT_TEMPLATES, STOP_TOKENS
 from ..modeling_dense_connector import DenseConnectorForConditionalGeneration
 from .config import Translation, translate_config
 from .folder import build_generation_config, build_processor, model_card, summarize_dropped, write_code
@@ -115,8 +115,8 @@ def prepare_conversion(
 
     tokenizer = convert_tokenizer(original_folder, original_config)
     conv_mode = conv_mode or default_conv_mode(tokenizer)
-    if conv_mode not in CHAT_TEMPLATES:
-        raise ConversionError(f"--conv-mode {conv_mode!r} is not one of {sorted(CHAT_TEMPLATES)}.")
+    if conv_mode not in STOP_TOKENS:  # the conversation formats of inference (`plain` is stage-1 training only)
+        raise ConversionError(f"--conv-mode {conv_mode!r} is not one of {sorted(STOP_TOKENS)}.")
     translation = translate_config(
         original_config,
         read_json(tower_folder / "config.json"),
