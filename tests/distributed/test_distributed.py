@@ -89,6 +89,12 @@ def reference(data: Path, tmp_path_factory, tune: str) -> Path:
     return _references[tune]
 
 
+def model_files(folder: Path) -> list[str]:
+    """The files of a saved model (weights, config, code, processor), not the trainer's state."""
+    suffixes = (".json", ".safetensors", ".py", ".jinja")
+    return sorted(p.name for p in folder.iterdir() if p.suffix in suffixes and p.name != "trainer_state.json")
+
+
 COMPARE_WEIGHTS = """
 import torch
 from transformers import AutoModelForImageTextToText
@@ -130,11 +136,14 @@ def test_two_processes_train_like_one(config, tune, checkpointing, data, tmp_pat
     assert losses(output) == pytest.approx(losses(expected), rel=1e-3)
     if tune == "lora":
         return
-    for folder in (output, output / "checkpoint-2"):
+    for folder, one_process in ((output, expected), (output / "checkpoint-2", expected / "checkpoint-2")):
         config_json = json.loads((folder / "config.json").read_text())
         assert config_json["auto_map"]["AutoModelForImageTextToText"] == (
             "modeling_dense_connector.DenseConnectorForConditionalGeneration"
         )
         assert not list(folder.glob("_fsdp*.py")), sorted(p.name for p in folder.iterdir())
+        # File for file a one-process save (which `make test-vllm` serves), whatever wrote it.
+        assert model_files(folder) == model_files(one_process), folder
+        assert config_json == json.loads((one_process / "config.json").read_text())
     pairs = [(str(output), str(expected)), (str(output / "checkpoint-2"), str(expected / "checkpoint-2"))]
     run_without_package(COMPARE_WEIGHTS.format(pairs=pairs), tmp_path)
