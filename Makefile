@@ -6,7 +6,9 @@ VENV_MIN ?= .venv-min
 TRANSFORMERS_MIN := 5.19.0
 
 # $(call new_venv,DIR,FIRST,THEN): a virtual environment with FIRST installed before THEN, so that pip keeps the torch
-# that FIRST pins instead of choosing one itself (plain `torch` would pull a multi-GB CUDA build).
+# that FIRST pins instead of choosing one itself (plain `torch` would pull a multi-GB CUDA build). A comma inside an
+# argument is written $(comma), since `call` splits its arguments at commas.
+comma := ,
 define new_venv
 	python3 -m venv $(1)
 	$(1)/bin/python -m pip install --quiet --upgrade pip
@@ -48,7 +50,7 @@ VENV_EVAL ?= .venv-eval
 PY_EVAL := $(VENV_EVAL)/bin/python
 
 $(VENV_EVAL)/.installed: pyproject.toml
-	$(call new_venv,$(VENV_EVAL),torch==2.14.1 torchvision==0.29.1,-e ".[dev,eval]")
+	$(call new_venv,$(VENV_EVAL),torch==2.14.1 torchvision==0.29.1,-e ".[dev$(comma)eval]")
 	touch $@
 
 .PHONY: setup-eval test-eval
@@ -81,7 +83,7 @@ PY_WEB := $(VENV_WEB)/bin/python
 CHROMIUM ?= /usr/bin/chromium
 
 $(VENV_WEB)/.installed: pyproject.toml
-	$(call new_venv,$(VENV_WEB),torch==2.13.0,-e ".[dev,web,web-test]")
+	$(call new_venv,$(VENV_WEB),torch==2.13.0,-e ".[dev$(comma)web$(comma)web-test]")
 	touch $@
 
 $(CHROMIUM):
