@@ -137,6 +137,14 @@ CHAT_TEMPLATES: dict[str, str] = {"vicuna_v1": VICUNA_V1, "llama_3": LLAMA_3, "p
 # Tokens at which the original stops generating, per conversation format (for `generation_config.eos_token_id`).
 STOP_TOKENS: dict[str, list[str]] = {"vicuna_v1": ["</s>"], "llama_3": ["<|eot_id|>", "<|end_of_text|>"]}
 
+# The original training scripts' `--version` names -> the template that renders them.
+VERSION_TEMPLATES: dict[str, str] = {
+    "plain": "plain",
+    "v1": "vicuna_v1",
+    "vicuna_v1": "vicuna_v1",
+    "llama_3": "llama_3",
+}
+
 
 def stop_token_ids(tokenizer, conv_mode: str) -> list[int]:
     """Ids of `STOP_TOKENS[conv_mode]` in `tokenizer`, for `generation_config.eos_token_id`."""
@@ -170,4 +178,11 @@ def with_media_placeholders(chat_template: str) -> str:
     return _RENDER_CONTENT + _MEDIA_AS_TEXT + chat_template
 
 
-__all__ = ["CHAT_TEMPLATES", "LLAMA_3_SYSTEM", "STOP_TOKENS", "VICUNA_V1_SYSTEM", "stop_token_ids"]
+__all__ = [
+    "CHAT_TEMPLATES",
+    "LLAMA_3_SYSTEM",
+    "STOP_TOKENS",
+    "VERSION_TEMPLATES",
+    "VICUNA_V1_SYSTEM",
+    "stop_token_ids",
+]

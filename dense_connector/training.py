@@ -29,8 +29,6 @@ IGNORE_INDEX = -100
 TUNE_REGIMES = ("projector", "projector+lm", "lora")
 WHITESPACE = re.compile(r"\s*")
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-# The original's `--version` names and the chat templates that render them
-CONVERSATION_VERSIONS = {"plain": "plain", "v1": "vicuna_v1", "vicuna_v1": "vicuna_v1", "llama_3": "llama_3"}
 
 
 class InstructionRecords(Sequence):
@@ -434,7 +432,6 @@ def trainable_parameter_summary(model: nn.Module) -> str:
 
 
 __all__ = [
-    "CONVERSATION_VERSIONS",
     "IGNORE_INDEX",
     "TUNE_REGIMES",
     "DenseConnectorDataCollator",

@@ -31,10 +31,9 @@ from transformers import (
 )
 
 import dense_connector  # noqa: F401  (registers the Dense Connector classes with the Auto classes)
-from dense_connector.chat_templates import CHAT_TEMPLATES, STOP_TOKENS, stop_token_ids
+from dense_connector.chat_templates import CHAT_TEMPLATES, STOP_TOKENS, VERSION_TEMPLATES, stop_token_ids
 from dense_connector.trainer import DenseConnectorTrainer, DenseConnectorTrainingArguments, load_pretrained_projector
 from dense_connector.training import (
-    CONVERSATION_VERSIONS,
     TUNE_REGIMES,
     DenseConnectorDataCollator,
     load_instruction_data,
@@ -84,7 +83,7 @@ class DataArguments:
         metadata={
             "help": "Conversation format, the original's names: plain (stage 1: image + caption), v1 / vicuna_v1, "
             "llama_3. It becomes the saved chat template. Default: the checkpoint's chat template.",
-            "choices": sorted(CONVERSATION_VERSIONS),
+            "choices": sorted(VERSION_TEMPLATES),
         },
     )
     model_max_length: int = field(
@@ -99,7 +98,7 @@ class DataArguments:
 def set_conversation_format(processor, model, version: str | None) -> None:
     """The chat template (and the stop tokens generation uses) of `--version`; the checkpoint's without it."""
     if version is not None:
-        template = CONVERSATION_VERSIONS[version]
+        template = VERSION_TEMPLATES[version]
         processor.chat_template = CHAT_TEMPLATES[template]
         if template in STOP_TOKENS:
             model.generation_config.eos_token_id = stop_token_ids(processor.tokenizer, template)

@@ -204,6 +204,22 @@ def assert_trains_the_replies(processor, labels: list[int], conversations: list[
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def assert_single_round_labels_are_the_originals(
+    processor, preprocess, template, end_of_turn, conversations, has_image
+):
+    """Our ids are always the original's; our labels are its labels on single-round records, while it masks every
+    multi-round record whole (its "tokenization mismatch") and ours trains each reply and its end of turn there."""
+    ids, labels, mismatch = preprocess(conversations, has_image)
+    our_ids, our_labels = ours(processor, template, conversations, has_image)
+    assert our_ids == ids
+    assert mismatch == (len(conversations) > 2)
+    if mismatch:
+        assert set(labels) == {IGNORE_INDEX}
+    else:
+        assert our_labels == labels
+    assert_trains_the_replies(processor, our_labels, conversations, end_of_turn)
+
+
 @pytest.mark.parametrize("tokenizer", ["llama_like", "fixtures", "llama_3"])
 def test_plain_ids_and_labels_are_the_originals(tokenizer, tmp_path):
     """Stage 1: `<image>` + caption + "\\n", labels on the caption and the newline only, as `preprocess_plain`."""
@@ -229,15 +245,7 @@ def test_v1_labels_are_the_originals_on_a_llama_like_tokenizer(conversations, ha
     match ("USER" after "</s>" is as many tokens as at a text's start), so it masks those records whole; ours trains
     their replies."""
     processor, original = sentencepiece_setup(tmp_path, remove_extra_whitespaces=False)
-    ids, labels, mismatch = original.v1(conversations, has_image)
-    our_ids, our_labels = ours(processor, "vicuna_v1", conversations, has_image)
-    assert our_ids == ids
-    assert mismatch == (len(conversations) > 2)
-    if mismatch:
-        assert set(labels) == {IGNORE_INDEX}
-    else:
-        assert our_labels == labels
-    assert_trains_the_replies(processor, our_labels, conversations, "</s>")
+    assert_single_round_labels_are_the_originals(processor, original.v1, "vicuna_v1", "</s>", conversations, has_image)
 
 
 @pytest.mark.parametrize(("conversations", "has_image"), RECORDS, ids=RECORD_IDS)
@@ -263,12 +271,7 @@ def test_llama_3_labels_are_the_originals_where_its_arithmetic_adds_up(conversat
     record never adds up and is masked whole (a Llama-3 model trained so learns nothing from multi-turn data); the
     first round's arithmetic is exact. Ours equals it on single-round records and trains every reply otherwise."""
     processor, original = llama_3_setup(tmp_path)
-    ids, labels, mismatch = original.llama_3(conversations, has_image)
-    our_ids, our_labels = ours(processor, "llama_3", conversations, has_image)
-    assert our_ids == ids
-    assert mismatch == (len(conversations) > 2)
-    if mismatch:
-        assert set(labels) == {IGNORE_INDEX}
-    else:
-        assert our_labels == labels
-    assert_trains_the_replies(processor, our_labels, conversations, "<|eot_id|>")
+    end_of_turn = "<|eot_id|>"
+    assert_single_round_labels_are_the_originals(
+        processor, original.llama_3, "llama_3", end_of_turn, conversations, has_image
+    )

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
-from ..chat_templates import CHAT_TEMPLATES, with_media_placeholders
+from ..chat_templates import CHAT_TEMPLATES, STOP_TOKENS, VERSION_TEMPLATES, with_media_placeholders
 from ..configuration_dense_connector import DenseConnectorConfig
 from ..connector_dense_connector import DenseConnector
 from ..conversion.config import BOOKKEEPING_FIELDS, Translation, tower_vision_config
@@ -44,8 +44,10 @@ class BuildError(ConversionError):
     """A checkpoint cannot be built from these parts; the message says what was found and what to do."""
 
 
-# `--version` as the original's training scripts name it -> this package's chat template (`native`: the LM's own).
-VERSIONS = {"v1": "vicuna_v1", "vicuna_v1": "vicuna_v1", "llama_3": "llama_3", "native": "native"}
+# `--version`: the original's names of the formats a model chats in (not stage 1's `plain`) -> this package's chat
+# template, and `native`: the LM's own.
+VERSIONS = {name: template for name, template in VERSION_TEMPLATES.items() if template in STOP_TOKENS}
+VERSIONS["native"] = "native"
 LLAMA_3_PAD = "<|reserved_special_token_0|>"  # what the original's training pads Llama-3 with
 LM_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]  # config and tokenizer files of a Hub LM
 
