@@ -30,21 +30,37 @@ from common import (
     setup,
 )
 from torch._dynamo.utils import counters
+from torch._inductor import list_mode_options
+from torch._inductor.compile_fx import compile_fx
 from transformers import CompileConfig, LogitsProcessorList
 
 from dense_connector.measurement import clock
 
 
-def compile_config() -> CompileConfig:
-    config = CompileConfig(fullgraph=True)
+class RecordingInductor:
+    """TorchInductor as a `torch.compile` backend that also keeps the operations of every graph it is given, so that
+    two models' compiled graphs can be compared operation for operation."""
+
+    def __init__(self):
+        self.graphs: list[list[str]] = []
+
+    def __call__(self, graph_module: torch.fx.GraphModule, example_inputs, mode=None, options=None):
+        self.graphs.append([str(node.target) for node in graph_module.graph.nodes if node.op.startswith("call_")])
+        settings = {**list_mode_options(mode), **(options or {})}  # what `torch.compile(mode=, options=)` sets
+        return compile_fx(graph_module, example_inputs, config_patches=settings)
+
+
+def compile_config(backend: RecordingInductor) -> CompileConfig:
+    config = CompileConfig(fullgraph=True, backend=backend)
     config._compile_all_devices = True  # transformers compiles on accelerators only unless told
     return config
 
 
-def generate(model, input_ids, pixel_values, args, compiled: bool, now=None) -> tuple[torch.Tensor, list[float]]:
-    """Greedy static-cache `generate` of `args.new_tokens` tokens; its ids and the seconds of each decoding step."""
-    step_clock = StepClock(now or clock(args.device, args.threads))
-    extra = {"compile_config": compile_config()} if compiled else {"disable_compile": True}
+def generate(model, input_ids, pixel_values, args, config: CompileConfig | None) -> tuple[torch.Tensor, list[float]]:
+    """Greedy static-cache `generate` of `args.new_tokens` tokens (compiled with `config`, eager without); its ids
+    and the seconds of each decoding step."""
+    step_clock = StepClock(clock(args.device, args.threads))
+    extra = {"compile_config": config} if config else {"disable_compile": True}
     ids = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
@@ -80,16 +96,18 @@ def run(args) -> dict[str, tuple[float, float]]:
     assert models["dci"].config.num_image_tokens() == num_patches
     input_ids = prompt(num_patches, args.device)
 
+    backends = {name: RecordingInductor() for name in models}
+    configs = {name: compile_config(backend) for name, backend in backends.items()}
     eager, compiled, compile_seconds, same_ids = {}, {name: [] for name in models}, {}, {}
     graphs = {}  # TorchDynamo's counts for each model's first compiled generate
     rounds = []  # each round's best DCI step over its best Llava step
     with torch.inference_mode():
         for name, model in models.items():
-            ids, steps = generate(model, input_ids, pixel_values, args, compiled=False)
+            ids, steps = generate(model, input_ids, pixel_values, args, None)
             eager[name] = min(steps)
             counters.clear()
             start = time.perf_counter()
-            compiled_ids, _ = generate(model, input_ids, pixel_values, args, compiled=True)
+            compiled_ids, _ = generate(model, input_ids, pixel_values, args, configs[name])
             compile_seconds[name] = time.perf_counter() - start
             graphs[name] = dynamo_counts()
             same_ids[name] = torch.equal(compiled_ids, ids)  # in half precision, fused kernels may flip near-ties
@@ -97,7 +115,7 @@ def run(args) -> dict[str, tuple[float, float]]:
         for _ in range(args.reps):
             best_of_round = {}
             for name, model in models.items():
-                steps = generate(model, input_ids, pixel_values, args, compiled=True)[1]
+                steps = generate(model, input_ids, pixel_values, args, configs[name])[1]
                 compiled[name] += steps
                 best_of_round[name] = min(steps)
             rounds.append(best_of_round["dci"] / best_of_round["llava"])
@@ -123,6 +141,8 @@ def run(args) -> dict[str, tuple[float, float]]:
     for name, counts in graphs.items():
         print(f"{name}: " + ", ".join(f"{count} {what}" for what, count in counts.items()))
     print(f"graphs compiled during the timed rounds (recompilations): {timed_compilations}")
+    same = backends["dci"].graphs == backends["llava"].graphs
+    print(f"dci's compiled graphs are llava's operation for operation: {'yes' if same else 'no'}")
     print("first run s: the first compiled generate (compilation); eager ids: whether the compiled greedy ids equal")
     print("the eager ones (float32: they must; bfloat16/float16: fused kernels may flip near-ties of random weights)")
     return {name: (eager[name], best[name]) for name in models}

@@ -1,26 +1,28 @@
 """vLLM serving a Dense Connector model, split into what it is made of, measured side by side in one run (CPU only).
 
 On the same requests (`bench_vllm.py`'s model and prompts: one image and one question per request, `--new-tokens`
-greedy tokens, EOS ignored), alternately:
+greedy tokens, EOS ignored), round after round:
 
 - vLLM serving the DC checkpoint (its Transformers modeling backend, the folder's remote code);
 - vLLM serving the DC model's language model alone, saved as a plain Llama checkpoint: once with vLLM's native Llama,
   once with the Transformers backend (`model_impl="transformers"`), on prompts of the same lengths (text tokens in
   the image placeholders' place);
-- the tower + connector encoding the same images alone (`get_image_features` in this process, with the engine's
-  thread count), in the batches vLLM gave them: the DC engine's `get_image_features` is wrapped (through
-  `LLM.apply_model`; the engines run in this process) to record each call's batch size and seconds;
-- the processor turning the same requests into model inputs (image resizing and normalisation, tokenisation), which
-  vLLM's engine runs for every multimodal request and not for a text prompt.
+- the tower + connector encoding the same images outside vLLM (`get_image_features`, the engine's thread count), in
+  the batches vLLM formed, and the processor preparing the same requests (resize, normalise, tokenise).
 
-Each engine serves the whole set once to warm up, then `--reps` times, engines alternating; the best run of each
-counts. Prefix caching and the multimodal processor cache are off: every run prefills and preprocesses every request,
-as distinct requests would. Per run: requests/s, tokens/s, the mean time to first token (vLLM's per-request stats),
-and a prefill run (every request with one new token). The goal ratio is DC's time over (LM native + encoding). vLLM
-cannot be installed on the GPU machine, so this benchmark is CPU-only (`.venv-vllm`, `make setup-vllm`).
+Inside every engine (they run in this process, so `LLM.apply_model` reaches their models) the model's `forward`,
+`embed_multimodal` and `compute_logits` are timed, and each run is split into adding the requests
+(`LLM.enqueue`: vLLM's input processing, where the processor runs for a multimodal request) and serving them
+(`LLM.wait_for_completion`). Everything an engine spends outside those model calls is the engine's own work
+(scheduling, sampling, bookkeeping). Each engine serves the whole set once to warm up, then `--reps` rounds, engines
+in turn; medians of the rounds count, and ratios are taken within each round. `--profile` then runs each engine
+once under the torch profiler and prints the operations whose time differs most between the engines. Prefix caching
+and the multimodal processor cache are off: every run prefills and preprocesses every request. vLLM cannot be
+installed on the GPU machine, so this benchmark is CPU-only (`.venv-vllm`, `make setup-vllm`).
 
-    .venv-vllm/bin/python bench/bench_vllm_split.py                   # 32 requests, 32 new tokens, best of 3
-    .venv-vllm/bin/python bench/bench_vllm_split.py --requests 16 --reps 2 --enforce-eager
+    .venv-vllm/bin/python bench/bench_vllm_split.py                   # 32 requests, 32 new tokens, 5 rounds
+    .venv-vllm/bin/python bench/bench_vllm_split.py --requests 16 --reps 3 --enforce-eager
+    .venv-vllm/bin/python bench/bench_vllm_split.py --profile    # then the operations where the engines differ
 """
 
 import argparse
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 
-# The engines run in this process, so that `LLM.apply_model` can run this script's functions on the DC engine's model.
+# The engines run in this process, so that `LLM.apply_model` can run this script's functions on their models.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import torch  # noqa: E402
@@ -44,6 +46,8 @@ from dense_connector.integrations.vllm import token_prompt  # noqa: E402
 
 
 DC, NATIVE, BACKEND = "DC (Transformers backend)", "LM alone, vLLM native", "LM alone, Transformers backend"
+TIMED = ("embed_multimodal", "forward", "compute_logits")  # the model calls timed inside the engines
+PHASES = ("input processing", "encoder", "forward", "logits", "engine")
 
 
 def save_language_model(model: DenseConnectorForConditionalGeneration, processor, folder: Path) -> Path:
@@ -66,38 +70,51 @@ def text_prompts(processor, texts: list[str], images: list) -> list[dict]:
     return prompts
 
 
-def record_encoding(model) -> int:
-    """Runs in the DC engine's process: wrap the HF model's `get_image_features` to record (images, seconds)."""
-    hf_model, calls = model.model, []
-    original = hf_model.get_image_features
+def instrument(model) -> int:
+    """Runs in an engine: time its model's TIMED calls (seconds per name) and record the encoder's batch sizes."""
+    model.bench_seconds, model.bench_batches = dict.fromkeys(TIMED, 0.0), []
+    for name in TIMED:
+        original = getattr(model, name, None)
+        if original is None:
+            continue
 
-    def timed(pixel_values, *args, **kwargs):
-        start = time.perf_counter()
-        features = original(pixel_values, *args, **kwargs)
-        calls.append((len(pixel_values), time.perf_counter() - start))
-        return features
+        def timed(*args, _name=name, _original=original, **kwargs):
+            start = time.perf_counter()
+            result = _original(*args, **kwargs)
+            model.bench_seconds[_name] += time.perf_counter() - start
+            if _name == "embed_multimodal":
+                model.bench_batches.append(len(result))
+            return result
 
-    hf_model.get_image_features, hf_model.bench_calls = timed, calls
+        setattr(model, name, timed)
     return torch.get_num_threads()
 
 
-def take_encoding_calls(model) -> list[tuple[int, float]]:
-    calls = list(model.model.bench_calls)
-    model.model.bench_calls.clear()
-    return calls
+def take_timings(model) -> tuple[dict[str, float], list[int]]:
+    """Runs in an engine: the seconds and encoder batches recorded since the last call, then reset."""
+    seconds, batches = dict(model.bench_seconds), list(model.bench_batches)
+    model.bench_seconds, model.bench_batches = dict.fromkeys(TIMED, 0.0), []
+    return seconds, batches
 
 
-def serve(llm: LLM, prompts: list[dict], new_tokens: int) -> dict[str, float]:
-    """One run of all requests: seconds, and the mean time to first token from vLLM's per-request stats."""
+def serve(llm: LLM, prompts: list[dict], new_tokens: int) -> tuple[dict[str, float], list[int]]:
+    """One run of all requests: its phases (seconds) with the mean time to first token, and the encoder's batches."""
+    llm.apply_model(take_timings)
     start = time.perf_counter()
-    outputs = llm.generate(
-        prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True), use_tqdm=False
-    )
-    seconds = time.perf_counter() - start
-    if not all(len(output.outputs[0].token_ids) == new_tokens for output in outputs):
+    llm.enqueue(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True), use_tqdm=False)
+    added = time.perf_counter()
+    outputs = llm.wait_for_completion(use_tqdm=False)
+    end = time.perf_counter()
+    if len(outputs) != len(prompts) or not all(len(out.outputs[0].token_ids) == new_tokens for out in outputs):
         raise RuntimeError(f"an engine returned fewer than {new_tokens} tokens for some request")
-    ttft = statistics.mean(output.metrics.first_token_latency for output in outputs)
-    return {"seconds": seconds, "ttft": ttft}
+    model_seconds, batches = llm.apply_model(take_timings)[0]
+    encoder, forward, logits = (model_seconds[name] for name in TIMED)
+    phases = {
+        "total": end - start, "input processing": added - start, "encoder": encoder, "forward": forward,
+        "logits": logits, "engine": end - added - encoder - forward - logits,
+        "TTFT": statistics.mean(output.metrics.first_token_latency for output in outputs),
+    }  # fmt: skip
+    return phases, batches
 
 
 def preprocess(processor, texts: list[str], images: list) -> float:
@@ -118,12 +135,61 @@ def encode(model: DenseConnectorForConditionalGeneration, pixel_values: torch.Te
     return time.perf_counter() - start
 
 
+def report(rounds: list[dict], requests: int, new_tokens: int) -> None:
+    """Medians of the rounds: each engine's phases, then the goal's ratios and where DC's extra time goes."""
+    median = {name: {key: statistics.median(r[name][key] for r in rounds) for key in rounds[0][name]}
+              for name in rounds[0]}  # fmt: skip
+    print(f"{'median of rounds, s':32s}{'total':>7s}" + "".join(f"{phase:>17s}" for phase in PHASES)
+          + f"{'requests/s':>11s}{'tokens/s':>9s}{'TTFT':>6s}")  # fmt: skip
+    for name in (DC, NATIVE, BACKEND):
+        row = median[name]
+        rates = f"{requests / row['total']:11.2f}{requests * new_tokens / row['total']:9.1f}{row['TTFT']:6.2f}"
+        print(f"{name:32s}{row['total']:7.2f}" + "".join(f"{row[phase]:17.2f}" for phase in PHASES) + rates)
+    for name in ("encoding outside vLLM", "preprocessing outside vLLM"):
+        print(f"{name:32s}{median[name]['total']:7.2f}")
+
+    def ratio(numerator, *terms) -> str:
+        values = [r[numerator[0]][numerator[1]] / sum(r[name][key] for name, key in terms) for r in rounds]
+        return f"{statistics.median(values):.3f} (rounds {min(values):.3f}-{max(values):.3f})"
+
+    encoding = ("encoding outside vLLM", "total")
+    print(f"goal (<= 1.05): DC / (LM native + encoding) {ratio((DC, 'total'), (NATIVE, 'total'), encoding)}")
+    preprocessing = ("preprocessing outside vLLM", "total")
+    print(f"DC / (LM Transformers backend + encoding + preprocessing) "
+          f"{ratio((DC, 'total'), (BACKEND, 'total'), encoding, preprocessing)}")  # fmt: skip
+    print(f"LM Transformers backend / LM native: total {ratio((BACKEND, 'total'), (NATIVE, 'total'))}, "
+          f"forward {ratio((BACKEND, 'forward'), (NATIVE, 'forward'))}")  # fmt: skip
+    print(f"DC / LM Transformers backend: forward {ratio((DC, 'forward'), (BACKEND, 'forward'))}, "
+          f"engine {ratio((DC, 'engine'), (BACKEND, 'engine'))}")  # fmt: skip
+    print(f"encoder inside / outside vLLM {ratio((DC, 'encoder'), encoding)}")
+    extra = {phase: median[DC][phase] - median[NATIVE][phase] for phase in PHASES}
+    print(f"DC - LM native = {median[DC]['total'] - median[NATIVE]['total']:.2f} s: "
+          + ", ".join(f"{phase} {seconds:+.2f}" for phase, seconds in extra.items()))  # fmt: skip
+
+
+def profile_operations(engines: dict[str, LLM], prompts: dict[str, list[dict]], new_tokens: int) -> None:
+    """One run of each engine under the torch profiler: the operations whose time differs most between engines."""
+    totals = {}
+    for name, llm in engines.items():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            serve(llm, prompts[name], new_tokens)
+        totals[name] = {event.key: (event.self_cpu_time_total / 1e6, event.count) for event in profiler.key_averages()}
+    for one, other in ((BACKEND, NATIVE), (DC, BACKEND)):
+        names = set(totals[one]) | set(totals[other])
+        gap = {op: totals[one].get(op, (0.0, 0))[0] - totals[other].get(op, (0.0, 0))[0] for op in names}
+        print(f"profile, {one} - {other} (self CPU s, calls):")
+        for op in sorted(gap, key=lambda op: -abs(gap[op]))[:8]:
+            (a, calls_a), (b, calls_b) = totals[one].get(op, (0.0, 0)), totals[other].get(op, (0.0, 0))
+            print(f"  {op[:44]:44s}{gap[op]:+8.3f}  ({a:.3f} s, {calls_a} calls vs {b:.3f} s, {calls_b} calls)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5, help="rounds after the warm-up")
     parser.add_argument("--enforce-eager", action="store_true", help="no torch.compile in the engines (faster start)")
+    parser.add_argument("--profile", action="store_true", help="then profile one run of each engine's operations")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -151,61 +217,26 @@ def main():
             BACKEND: LLM(model=str(lm_folder), model_impl="transformers", **options),
         }
         start_seconds = time.perf_counter() - start
-        threads = engines[DC].apply_model(record_encoding)[0]
+        threads = [llm.apply_model(instrument)[0] for llm in engines.values()][0]
         torch.set_num_threads(threads)
 
-        runs = {name: {"total": [], "prefill": []} for name in engines}
-        runs["encoding"] = {"total": [], "prefill": []}
-        runs["preprocessing"] = {"total": [], "prefill": []}
-        in_engine = []  # seconds the DC engine spent in get_image_features, per timed full run
-        for name, llm in engines.items():  # warm-up
-            serve(llm, prompts[name], args.new_tokens)
-        batches = [size for size, _ in engines[DC].apply_model(take_encoding_calls)[0]]
-        encode(model, pixel_values, batches)
+        warm_up = {name: serve(llm, prompts[name], args.new_tokens) for name, llm in engines.items()}
+        batches = warm_up[DC][1]
+        rounds = []
         for _ in range(args.reps):
-            for name, llm in engines.items():
-                runs[name]["total"].append(serve(llm, prompts[name], args.new_tokens))
-                if name == DC:
-                    in_engine.append(sum(seconds for _, seconds in llm.apply_model(take_encoding_calls)[0]))
-                runs[name]["prefill"].append(serve(llm, prompts[name], 1))
-            engines[DC].apply_model(take_encoding_calls)  # the prefill run's calls
-            seconds = encode(model, pixel_values, batches)
-            runs["encoding"]["total"].append({"seconds": seconds, "ttft": seconds})
-            runs["encoding"]["prefill"] = runs["encoding"]["total"]
-            seconds = preprocess(processor, texts, images)
-            runs["preprocessing"]["total"].append({"seconds": seconds, "ttft": seconds})
-            runs["preprocessing"]["prefill"] = runs["preprocessing"]["total"]
+            measured = {name: serve(llm, prompts[name], args.new_tokens)[0] for name, llm in engines.items()}
+            measured["encoding outside vLLM"] = {"total": encode(model, pixel_values, batches)}
+            measured["preprocessing outside vLLM"] = {"total": preprocess(processor, texts, images)}
+            rounds.append(measured)
 
-    best = {name: {kind: min(values, key=lambda run: run["seconds"]) for kind, values in kinds.items()}
-            for name, kinds in runs.items()}  # fmt: skip
-    tokens = args.requests * args.new_tokens
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}, "
-          f"float32, {threads} engine threads; engines started in {start_seconds:.0f} s"
-          f"{' (eager)' if args.enforce_eager else ''}")  # fmt: skip
-    print(f"{args.requests} requests of {len(prompts[NATIVE][0]['prompt_token_ids'])} prompt tokens (1 image each), "
-          f"{args.new_tokens} new tokens; best of {args.reps} alternating runs; vLLM encoded the images in batches of "
-          f"{batches}")  # fmt: skip
-    print(f"{'':32s}{'time s':>8s}{'requests/s':>12s}{'tokens/s':>10s}{'mean TTFT s':>13s}{'prefill s':>11s}")
-    for name, value in best.items():
-        total, prefill = value["total"], value["prefill"]
-        rates = f"{args.requests / total['seconds']:12.2f}{tokens / total['seconds'] if name in engines else 0:10.1f}"
-        print(f"{name:32s}{total['seconds']:8.2f}{rates}{total['ttft']:13.2f}{prefill['seconds']:11.2f}")
-    dc, native, backend, encoding, preprocessing = (
-        best[name] for name in (DC, NATIVE, BACKEND, "encoding", "preprocessing")
-    )
-    spread = sorted(run["seconds"] for run in runs[DC]["total"])
-    print(f"DC runs {spread[0]:.2f}-{spread[-1]:.2f} s; in them, get_image_features took "
-          f"{min(in_engine):.2f}-{max(in_engine):.2f} s inside the engine")  # fmt: skip
-    for kind in ("total", "prefill"):
-        seconds = {name: value[kind]["seconds"] for name, value in best.items()}
-        added = seconds["encoding"] + seconds["preprocessing"]
-        ratios = {
-            "LM native + encoding": seconds[DC] / (seconds[NATIVE] + seconds["encoding"]),
-            "LM native + encoding + preprocessing": seconds[DC] / (seconds[NATIVE] + added),
-            "LM Transformers backend + encoding + preprocessing": seconds[DC] / (seconds[BACKEND] + added),
-        }
-        print(f"{kind}: " + "; ".join(f"DC / ({what}) {ratio:.3f}" for what, ratio in ratios.items()))
-    print("goal: DC / (LM native + encoding) <= 1.05")
+        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}, "
+              f"float32, {threads} engine threads; engines started in {start_seconds:.0f} s"
+              f"{' (eager)' if args.enforce_eager else ''}; {args.requests} requests of "
+              f"{len(prompts[NATIVE][0]['prompt_token_ids'])} prompt tokens (1 image each), {args.new_tokens} new "
+              f"tokens; {args.reps} rounds; vLLM encoded the images in batches of {batches}")  # fmt: skip
+        report(rounds, args.requests, args.new_tokens)
+        if args.profile:
+            profile_operations(engines, prompts, args.new_tokens)
 
 
 if __name__ == "__main__":

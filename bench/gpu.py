@@ -4,6 +4,9 @@ bench/gpu.sh                    # on a GPU machine (< 5 minutes on one H100)
 bench/gpu.sh --lm-layers 8      # a shallower language model
 bench/gpu.sh --tiny             # smoke test: tiny widths on the CPU (compilation takes a minute or two)
 bench/gpu.sh --no-compile       # without the compiled static-cache decoding comparison
+
+vLLM serving (`bench_vllm.py`, `bench_vllm_split.py`) is not part of it: vLLM cannot be installed on the GPU machine
+(no network there), so those run on the CPU in `.venv-vllm`.
 """
 
 import argparse
