@@ -8,7 +8,8 @@ alternate the models (A, B, A, B, ...). Decode is the time of one later step, be
 from a logits processor that stamps every step; the spread is the DCI/Llava ratio of each round's best steps (rounds
 are side by side, so a loaded machine slows both alike), as its median and range. TorchDynamo's counters show what
 each model's compiled decoding is made of: graphs compiled, operations captured in them, graph breaks, and any graph
-compiled during the timed rounds (a recompilation there would be a guard failing on a later step).
+compiled during the timed rounds (a recompilation there would be a guard failing on a later step); the graphs
+TorchInductor is given are recorded and compared between the models operation for operation.
 
     .venv/bin/python bench/bench_compile.py                      # CPU: CLIP-L width 2 layers, Llama-7B width x2
     .venv/bin/python bench/bench_compile.py --device cuda --dtype bfloat16 --tower-layers 24 --image-size 336 \
