@@ -168,19 +168,28 @@ def report(rounds: list[dict], requests: int, new_tokens: int) -> None:
 
 
 def profile_operations(engines: dict[str, LLM], prompts: dict[str, list[dict]], new_tokens: int) -> None:
-    """One run of each engine under the torch profiler: the operations whose time differs most between engines."""
+    """One run of each engine under the torch profiler: the operations one engine calls more or less often than the
+    other (what differs in its work), then the time of those both call equally often (what differs by chance)."""
     totals = {}
     for name, llm in engines.items():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
             serve(llm, prompts[name], new_tokens)
         totals[name] = {event.key: (event.self_cpu_time_total / 1e6, event.count) for event in profiler.key_averages()}
+    nothing = (0.0, 0)
     for one, other in ((BACKEND, NATIVE), (DC, BACKEND)):
-        names = set(totals[one]) | set(totals[other])
-        gap = {op: totals[one].get(op, (0.0, 0))[0] - totals[other].get(op, (0.0, 0))[0] for op in names}
-        print(f"profile, {one} - {other} (self CPU s, calls):")
-        for op in sorted(gap, key=lambda op: -abs(gap[op]))[:8]:
-            (a, calls_a), (b, calls_b) = totals[one].get(op, (0.0, 0)), totals[other].get(op, (0.0, 0))
-            print(f"  {op[:44]:44s}{gap[op]:+8.3f}  ({a:.3f} s, {calls_a} calls vs {b:.3f} s, {calls_b} calls)")
+        ops = {
+            op: (totals[one].get(op, nothing), totals[other].get(op, nothing)) for op in {*totals[one], *totals[other]}
+        }
+        differing = [op for op, ((_, calls), (_, other_calls)) in ops.items() if calls != other_calls]
+        differing.sort(key=lambda op: -abs(ops[op][0][0] - ops[op][1][0]))
+        print(f"profile, {one} against {other}: operations called a different number of times (self CPU s, calls)")
+        for op in differing[:10]:
+            (seconds, calls), (other_seconds, other_calls) = ops[op]
+            print(f"  {op[:44]:44s}{seconds - other_seconds:+8.3f} s  ({seconds:.3f} s, {calls} calls against "
+                  f"{other_seconds:.3f} s, {other_calls} calls)")  # fmt: skip
+        same = [pair for op, pair in ops.items() if op not in differing]
+        print(f"  the {len(same)} operations called equally often: {sum(a for (a, _), _ in same):.3f} s against "
+              f"{sum(b for _, (b, _) in same):.3f} s")  # fmt: skip
 
 
 def main():
