@@ -5,15 +5,18 @@ lmms-eval path runs in its own environment (`make test-eval`, tests/integrations
 """
 
 import json
+import shutil
 import sys
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from tiny import REPO
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from dense_connector.cli import main
+from dense_connector.evaluation import load_pretrained
 from dense_connector.evaluation.benchmarks import (
     REPORTED,
     cache_dir_for,
@@ -120,6 +123,26 @@ def test_missing_answers_file_or_model_is_a_usage_error(tmp_path, capsys):
     assert "give --model" in capsys.readouterr().err
     assert main(["eval", "--model", str(CHECKPOINT), "--question-file", "q.jsonl"]) == 1
     assert "give --answers-file" in capsys.readouterr().err
+
+
+def test_incomplete_checkpoint_is_refused_not_scored(tmp_path, capsys):
+    """transformers would only warn and initialise the missing tensor at random; eval and the lmms-eval model (both
+    load through `load_pretrained`) refuse the checkpoint instead, naming the tensor."""
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(CHECKPOINT, incomplete)
+    tensors = load_file(incomplete / "model.safetensors")
+    del tensors["model.connector.projector.0.bias"]
+    save_file(tensors, incomplete / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensors: model\.connector\.projector\.0\.bias"):
+        load_pretrained(str(incomplete))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "image": "x.png", "text": "Why?"}) + "\n")
+    argv = ["eval", "--model", str(incomplete), "--question-file", str(questions), "--answers-file",
+            str(tmp_path / "answers.jsonl")]  # fmt: skip
+    assert main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("dense-connector: error: ") and "is incomplete or does not match its config" in error
+    assert not (tmp_path / "answers.jsonl").exists()
 
 
 def test_releases_are_recognised_from_names_and_model_cards(tmp_path):

@@ -84,7 +84,10 @@ def answer_questions(args: argparse.Namespace, gpus: list[str]) -> int:
         raise UsageError(str(error)) from error
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     device = f"cuda:{gpus[0]}" if gpus else args.device
-    answerer = Answerer(*load_pretrained(args.model, device, args.dtype))
+    try:
+        answerer = Answerer(*load_pretrained(args.model, device, args.dtype))
+    except ValueError as error:  # an incomplete checkpoint, or a processor without a chat template
+        raise UsageError(str(error)) from error
     count = answer_file(
         answerer,
         questions,

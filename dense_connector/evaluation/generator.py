@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from ..conversion.verify import loading_problems
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -44,18 +46,29 @@ def load_pretrained(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
 ):
-    """Model (eval mode) and processor of a checkpoint; a local folder is read without asking the Hub."""
+    """Model (eval mode) and processor of a checkpoint; a local folder is read without asking the Hub.
+
+    A checkpoint with missing, unexpected or resized tensors is refused (ValueError naming them): transformers only
+    warns and initialises missing tensors at random, and scores of such a model would be meaningless.
+    """
     local = {"local_files_only": True} if Path(path).is_dir() else {}
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **local)
-    model = AutoModelForImageTextToText.from_pretrained(
+    model, info = AutoModelForImageTextToText.from_pretrained(
         path,
         dtype=torch_dtype,
         device_map=device_map,
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
+        output_loading_info=True,
         **local,
     )
+    problems = loading_problems(info)
+    if problems:
+        raise ValueError(
+            f"{path} is incomplete or does not match its config ({'; '.join(problems)}); evaluating it would score "
+            "randomly initialised weights. Convert or save the checkpoint again."
+        )
     if device_map is None:
         model = model.to(resolve_device(device))
     return model.eval(), processor
