@@ -98,8 +98,8 @@ def take_timings(model) -> tuple[dict[str, float], list[int]]:
 
 
 def serve(llm: LLM, prompts: list[dict], new_tokens: int) -> tuple[dict[str, float], list[int]]:
-    """One run of all requests: its phases (seconds) with the mean time to first token, and the encoder's batches."""
-    llm.apply_model(take_timings)
+    """One run of all requests: its phases (seconds) with the mean time to first token, and the encoder's batches
+    (the engine's timings start from zero: `instrument` and every run's `take_timings` leave them so)."""
     start = time.perf_counter()
     llm.enqueue(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True), use_tqdm=False)
     added = time.perf_counter()
@@ -226,7 +226,7 @@ def main():
             BACKEND: LLM(model=str(lm_folder), model_impl="transformers", **options),
         }
         start_seconds = time.perf_counter() - start
-        threads = [llm.apply_model(instrument)[0] for llm in engines.values()][0]
+        threads = {name: llm.apply_model(instrument)[0] for name, llm in engines.items()}[DC]
         torch.set_num_threads(threads)
 
         warm_up = {name: serve(llm, prompts[name], args.new_tokens) for name, llm in engines.items()}
