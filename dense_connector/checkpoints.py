@@ -17,7 +17,7 @@ from huggingface_hub import hf_hub_download
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import logging as hf_logging
 
-from dense_connector.conversion.verify import loading_problems
+from dense_connector.writing.verify import loading_problems
 
 
 PROG = "dense-connector"

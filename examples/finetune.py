@@ -32,11 +32,13 @@ from transformers import (
 
 import dense_connector  # noqa: F401  (registers the Dense Connector classes with the Auto classes)
 from dense_connector.chat_templates import CHAT_TEMPLATES, STOP_TOKENS, VERSION_TEMPLATES, stop_token_ids
-from dense_connector.trainer import DenseConnectorTrainer, DenseConnectorTrainingArguments, load_pretrained_projector
 from dense_connector.training import (
     TUNE_REGIMES,
     DenseConnectorDataCollator,
+    DenseConnectorTrainer,
+    DenseConnectorTrainingArguments,
     load_instruction_data,
+    load_pretrained_projector,
     prepare_for_training,
     trainable_parameter_summary,
 )

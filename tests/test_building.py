@@ -34,7 +34,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from dense_connector import DenseConnectorConfig, DenseConnectorForConditionalGeneration, DenseConnectorProcessor, cli
 from dense_connector.building import BuildError, build_checkpoint, builder
 from dense_connector.connector_dense_connector import DenseConnector
-from dense_connector.conversion import sources, weights
+from dense_connector.writing import sources, tensors
 
 
 CODE_FILES = ("configuration", "connector", "modeling", "processing")
@@ -429,7 +429,7 @@ def test_a_text_tower_is_refused(parts, tmp_path):
 
 def test_weights_stream_one_tensor_at_a_time(parts, tmp_path, monkeypatch):
     """The writer never holds the language model: at most one tensor read from the parts is alive at any time."""
-    live, real_open = {"now": 0, "peak": 0}, weights.open_tensors
+    live, real_open = {"now": 0, "peak": 0}, tensors.open_tensors
 
     def released(nbytes: int) -> None:
         live["now"] -= nbytes
@@ -447,7 +447,7 @@ def test_weights_stream_one_tensor_at_a_time(parts, tmp_path, monkeypatch):
 
             yield counted
 
-    monkeypatch.setattr(weights, "open_tensors", counting_open)
+    monkeypatch.setattr(tensors, "open_tensors", counting_open)
     monkeypatch.setattr(builder, "check_folder", lambda *args: ["not checked"])  # loading would hold it all
     output = build_checkpoint(
         parts["clip_model"], parts["vicuna"], tmp_path / "out", max_shard_size=50_000, progress=False

@@ -16,8 +16,8 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from dense_connector import DenseConnectorProcessor
 from dense_connector.chat_templates import CHAT_TEMPLATES, LLAMA_3_SYSTEM, STOP_TOKENS, stop_token_ids
 from dense_connector.conversion import convert_tokenizer
-from dense_connector.conversion.tokenizer import default_conv_mode
-from dense_connector.conversion.verify import collapse_placeholders
+from dense_connector.writing.tokenizer import default_conv_mode
+from dense_connector.writing.verify import collapse_placeholders
 
 
 CASES = json.loads((FIXTURES / "chat_prompts.json").read_text())

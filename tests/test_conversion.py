@@ -28,20 +28,20 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedM
 from dense_connector import DenseConnectorForConditionalGeneration, DenseConnectorProcessor
 from dense_connector.chat_templates import CHAT_TEMPLATES
 from dense_connector.conversion import (
-    ConversionError,
+    CheckpointError,
     build_parser,
     convert_checkpoint,
     convert_tokenizer,
     main,
-    sources,
     translate_config,
-    weights,
 )
 from dense_connector.conversion import convert as steps
-from dense_connector.conversion.folder import build_generation_config
-from dense_connector.conversion.tokenizer import default_conv_mode
-from dense_connector.conversion.verify import collapse_placeholders
-from dense_connector.conversion.weights import TensorEntry, TensorPlan, plan_tensors, write_weights
+from dense_connector.writing import sources
+from dense_connector.writing import tensors as weights
+from dense_connector.writing.folder import build_generation_config
+from dense_connector.writing.tensors import TensorEntry, TensorPlan, plan_tensors, write_weights
+from dense_connector.writing.tokenizer import default_conv_mode
+from dense_connector.writing.verify import collapse_placeholders
 
 
 def convert(name: str, output: Path, **kwargs) -> Path:
@@ -506,7 +506,7 @@ def test_push_to_hub_uploads_the_complete_folder(pushed):
 )
 def test_unsupported_config_values_are_refused_by_name(field, value):
     config = {**original_config("clip_dci"), field: value}
-    with pytest.raises(ConversionError, match=field):
+    with pytest.raises(CheckpointError, match=field):
         translate_config(config, tower_config("clip_dci"), 1024, 1000, 1001, 0)
 
 
@@ -543,7 +543,7 @@ def test_connector_types_use_the_original_hidden_states(name, connector, project
 
 def test_anyres_needs_spatial_unpad():
     config = {**original_config("siglip_dci_anyres"), "mm_patch_merge_type": "flat"}
-    with pytest.raises(ConversionError, match="spatial_unpad"):
+    with pytest.raises(CheckpointError, match="spatial_unpad"):
         translate_config(config, tower_config("siglip_dci_anyres"), 1024, 1000, 1001, 0)
 
 
@@ -556,7 +556,7 @@ def test_unknown_or_missing_tensors_stop_the_conversion_and_are_listed(problem, 
     else:
         del tensors["model.norm.weight"]
     original = write_original(tmp_path / "original", "clip_sci", tensors, original_config("clip_sci"))
-    with pytest.raises(ConversionError) as error:
+    with pytest.raises(CheckpointError) as error:
         convert_checkpoint(original, tmp_path / "out", vision_tower=FIXTURES / "clip_sci" / "vision_tower")
     names = (
         ["model.vision_resampler.weight", "model.mm_projector.4.weight"] if problem == "unknown" else ["norm.weight"]
@@ -649,7 +649,7 @@ def test_failed_check_keeps_the_previous_output_and_leaves_nothing_behind(tmp_pa
     output = tmp_path / "out"
     output.mkdir()
     (output / "previous.txt").write_text("an earlier conversion")
-    with pytest.raises(ConversionError, match="does not reproduce the original outputs"):
+    with pytest.raises(CheckpointError, match="does not reproduce the original outputs"):
         convert("clip_sci", output, overwrite=True, verify_against=FIXTURES / "clip_dci")
     assert [p.name for p in output.iterdir()] == ["previous.txt"]
     assert leftovers(tmp_path) == []
@@ -672,7 +672,7 @@ def test_verification_refuses_a_written_folder_with_missing_or_unexpected_tensor
     if loader == "transformers":
         lenient = PreTrainedModel.from_pretrained.__func__
         monkeypatch.setattr(DenseConnectorForConditionalGeneration, "from_pretrained", classmethod(lenient))
-    with pytest.raises(ConversionError) as error:
+    with pytest.raises(CheckpointError) as error:
         convert("clip_sci", tmp_path / "out")
     assert "model.connector.projector.0.bias" in str(error.value)
     assert "model.connector.extra.weight" in str(error.value)

@@ -21,7 +21,7 @@ from transformers import AutoProcessor, AutoTokenizer
 
 from dense_connector import DenseConnectorProcessor
 from dense_connector.conversion import convert_tokenizer
-from dense_connector.conversion.tokenizer import sentencepiece_tokenizer
+from dense_connector.writing.tokenizer import sentencepiece_tokenizer
 
 
 SOURCE = FIXTURES / "clip_dci" / "original"

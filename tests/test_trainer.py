@@ -11,7 +11,7 @@ from tiny import tiny_model, tiny_processor
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from dense_connector.chat_templates import CHAT_TEMPLATES
-from dense_connector.trainer import (
+from dense_connector.training.trainer import (
     PROJECTOR_FILE,
     ModalityLengthGroupedSampler,
     load_pretrained_projector,

@@ -27,20 +27,21 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from ..chat_templates import CHAT_TEMPLATES, STOP_TOKENS, VERSION_TEMPLATES, with_media_placeholders
 from ..configuration_dense_connector import DenseConnectorConfig
 from ..connector_dense_connector import DenseConnector
-from ..conversion.config import BOOKKEEPING_FIELDS, Translation, tower_vision_config
-from ..conversion.convert import DTYPES, check_folder, check_output, staged_output
-from ..conversion.folder import build_generation_config, build_processor, summarize_dropped, write_code
-from ..conversion.sources import ConversionError, read_json, resolve_source, source_weights, tensor_metadata
-from ..conversion.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, convert_tokenizer, padded_vocab_size
-from ..conversion.weights import PlanBuilder, TensorPlan, read_planned, write_weights
 from ..modeling_dense_connector import DenseConnectorForConditionalGeneration
 from ..processing_dense_connector import DenseConnectorProcessor
+from ..writing.folder import build_generation_config, build_processor, summarize_dropped, write_code
+from ..writing.sources import CheckpointError, read_json, resolve_source, source_weights, tensor_metadata
+from ..writing.staging import DTYPES, check_output, staged_output
+from ..writing.tensors import PlanBuilder, TensorPlan, read_planned, write_weights
+from ..writing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, convert_tokenizer, padded_vocab_size
+from ..writing.towers import BOOKKEEPING_FIELDS, Translation, tower_vision_config
+from ..writing.verify import check_folder
 
 
 logger = logging.getLogger(__name__)
 
 
-class BuildError(ConversionError):
+class BuildError(CheckpointError):
     """A checkpoint cannot be built from these parts; the message says what was found and what to do."""
 
 
@@ -237,7 +238,7 @@ def refused_as_build_errors(function):
             return function(*args, **kwargs)
         except BuildError:
             raise
-        except ConversionError as error:
+        except CheckpointError as error:
             raise BuildError(str(error)) from None
 
     return wrapper

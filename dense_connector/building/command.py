@@ -10,9 +10,8 @@ import logging
 import re
 
 from dense_connector.checkpoints import UsageError, status
-from dense_connector.conversion.cli import parse_size, sigterm_as_exit
-from dense_connector.conversion.convert import DTYPES, upload
-from dense_connector.conversion.sources import ConversionError
+from dense_connector.writing.sources import CheckpointError
+from dense_connector.writing.staging import DTYPES, parse_size, sigterm_as_exit, upload
 
 from .builder import VERSIONS, build_checkpoint
 
@@ -100,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
                 projector_depth=args.projector_depth,
                 image_downsample_factor=args.image_downsample_factor,
             )
-    except ConversionError as error:
+    except CheckpointError as error:
         raise UsageError(str(error)) from error
     status(f"built model written to {folder}")
     if args.push_to_hub:

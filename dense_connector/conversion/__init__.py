@@ -7,20 +7,21 @@ shard by shard into safetensors shards (never holding the model in memory), conv
 processor, chat template, generation config and model card, checks the result with a forward pass, and only then
 moves the folder into place. Anything it does not understand stops it with a message saying what and why.
 
-Modules, each using only those listed after it: `cli` (command line), `convert` (the steps in order), `verify`
-(checks of the written folder), `folder` (processor, generation config, model card), `tokenizer`, `weights` (tensor
-names, plan, streaming writer), `config` (config translation), `sources` (folders, Hub downloads, weight files).
+Modules, each using only those listed after it: `cli` (command line), `convert` (the steps in order), `config`
+(config translation). Writing, checking and moving the folder into place is `dense_connector.writing`'s, shared with
+`dense-connector build`.
 """
 
+from ..writing.sources import CheckpointError
+from ..writing.staging import upload
+from ..writing.tokenizer import convert_tokenizer
 from .cli import build_parser, main, run_from_args
 from .config import translate_config
-from .convert import convert_checkpoint, upload
-from .sources import ConversionError
-from .tokenizer import convert_tokenizer
+from .convert import convert_checkpoint
 
 
 __all__ = [
-    "ConversionError",
+    "CheckpointError",
     "build_parser",
     "convert_checkpoint",
     "convert_tokenizer",

@@ -7,25 +7,12 @@ checkpoint exits with status 2 and its message, and a termination signal cleans 
 
 import argparse
 import logging
-import re
-import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from ..chat_templates import STOP_TOKENS
-from .convert import DTYPES, convert_checkpoint
-from .sources import ConversionError
-
-
-def parse_size(size: str) -> int:
-    """'5GB', '500MB', '2GiB' or a number of bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B)?\s*", size.upper())
-    if not match:
-        raise argparse.ArgumentTypeError(f"{size!r} is not a size like 5GB, 500MB or 2GiB.")
-    number, unit, suffix = match.groups()
-    base = 1024 if suffix == "IB" else 1000
-    return int(float(number) * base ** "_KMGT".index(unit or "_"))
+from ..writing.sources import CheckpointError
+from ..writing.staging import DTYPES, parse_size, sigterm_as_exit
+from .convert import convert_checkpoint
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -58,20 +45,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds through the staged writing, which removes its staging folder
-
-
-@contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """Inside the block, a termination signal (`kill`) exits the way Ctrl-C does, so staged writing cleans up."""
-    previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-
-
 def run_from_args(args: argparse.Namespace) -> int:
     """Run a parsed command line; returns the exit status (2 with a message when the checkpoint is refused).
 
@@ -93,7 +66,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                 max_shard_size=args.max_shard_size,
                 progress=not args.no_progress,
             )
-    except ConversionError as error:
+    except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Converted model written to {folder}")

@@ -9,11 +9,11 @@ multimodal field or value it does not know. `translate_config` returns the confi
 
 import ast
 import re
-from dataclasses import dataclass, field
 
 from ..configuration_dense_connector import DenseConnectorConfig
 from ..modeling_dense_connector import DenseConnectorForConditionalGeneration
-from .sources import ConversionError
+from ..writing.sources import CheckpointError
+from ..writing.towers import BOOKKEEPING_FIELDS, Translation, tower_vision_config
 
 
 # Hidden states the original code hard-codes per tower family (`dense_connector.py` of the authors' repository).
@@ -22,18 +22,6 @@ ORIGINAL_DCI_GROUPS = {
     "clip": [list(range(0, 12)), list(range(12, 24))],
     "siglip": [list(range(0, 13)), list(range(13, 26))],
 }
-# The original SigLIP tower builds its config from these defaults for any field its saved config leaves out.
-ORIGINAL_SIGLIP_DEFAULTS = {
-    "hidden_size": 1152,
-    "intermediate_size": 4304,
-    "num_hidden_layers": 27,
-    "num_attention_heads": 16,
-    "image_size": 384,
-    "patch_size": 14,
-    "hidden_act": "gelu_pytorch_tanh",
-    "layer_norm_eps": 1e-6,
-}
-
 # Original config fields this converter reads.
 HANDLED_FIELDS = {
     "mm_dense_connector_type",
@@ -64,47 +52,9 @@ IGNORED_FIELDS = {
     "is_video",
     "if_pool",
 }
-BOOKKEEPING_FIELDS = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path"}
 # A field with one of these prefixes belongs to the multimodal wrapper: if it is not known above, it may change what
 # the model computes, so the conversion stops rather than guessing.
 MULTIMODAL_PREFIXES = ("mm_", "image_", "vision_", "video_", "s2", "tokenizer_", "tune_", "freeze_", "unfreeze_")
-
-
-@dataclass
-class Translation:
-    """The converted config plus what the processor needs and notes for the log and model card."""
-
-    config: DenseConnectorConfig
-    tower: str  # "clip" or "siglip"
-    preprocessing: str  # "pad", "anyres" or "square"
-    notes: list[str] = field(default_factory=list)
-
-
-def tower_vision_config(tower_config: dict) -> tuple[dict, str]:
-    """The transformers vision config of the tower as the original runs it, and its family ("clip"/"siglip").
-
-    SigLIP: the original builds the tower from its saved config, deletes the last encoder layer and the pooling head.
-    """
-    model_type = tower_config.get("model_type")
-    if model_type in ("clip", "siglip"):
-        vision = dict(tower_config.get("vision_config") or {})
-        family = model_type
-    elif model_type in ("clip_vision_model", "siglip_vision_model"):
-        vision = dict(tower_config)
-        family = model_type.split("_")[0]
-    else:
-        raise ConversionError(
-            f"The vision tower config has model_type={model_type!r}; the original Dense Connector supports CLIP "
-            "(clip / clip_vision_model) and SigLIP (siglip / siglip_vision_model) towers."
-        )
-    for key in (*BOOKKEEPING_FIELDS, "image_mean"):
-        vision.pop(key, None)
-    vision["model_type"] = f"{family}_vision_model"
-    if family == "siglip":
-        vision = {**ORIGINAL_SIGLIP_DEFAULTS, **vision}
-        vision["num_hidden_layers"] -= 1
-        vision["vision_use_head"] = False
-    return vision, family
 
 
 def _connector_type(original: dict) -> str:
@@ -112,7 +62,7 @@ def _connector_type(original: dict) -> str:
     if connector is None:
         return "none"  # a plain LLaVA-1.5 checkpoint
     if connector not in ("sti", "sci", "dci"):
-        raise ConversionError(
+        raise CheckpointError(
             f"mm_dense_connector_type={connector!r} is not supported; the original knows 'sti', 'sci' and 'dci' "
             "(or no field at all for plain LLaVA-1.5)."
         )
@@ -127,7 +77,7 @@ def _projector(original: dict) -> int:
     match = re.fullmatch(r"mlp(\d+)x_gelu", str(projector))
     if match and int(match.group(1)) >= 1:
         return int(match.group(1))
-    raise ConversionError(
+    raise CheckpointError(
         f"mm_projector_type={projector!r} is not supported; use 'linear' or 'mlp<N>x_gelu' (e.g. 'mlp2x_gelu')."
     )
 
@@ -141,7 +91,7 @@ def _feature_selection(original: dict, family: str, connector: str, notes: list[
         )
         return -1, "full"
     if "mm_vision_select_layer" not in original:
-        raise ConversionError("The config has no mm_vision_select_layer, which the original CLIP tower requires.")
+        raise CheckpointError("The config has no mm_vision_select_layer, which the original CLIP tower requires.")
     layer = original["mm_vision_select_layer"]
     feature = original.get("mm_vision_select_feature", "patch")
     if feature == "patch":
@@ -149,11 +99,11 @@ def _feature_selection(original: dict, family: str, connector: str, notes: list[
     if feature == "cls_patch" and connector == "none":
         return layer, "full"
     if feature == "cls_patch":
-        raise ConversionError(
+        raise CheckpointError(
             f"mm_vision_select_feature='cls_patch' with the {connector!r} connector is not supported: the original "
             "keeps the CLS token in the final feature but drops it from the added layers, so it cannot fuse them."
         )
-    raise ConversionError(f"mm_vision_select_feature={feature!r} is not supported; use 'patch' or 'cls_patch'.")
+    raise CheckpointError(f"mm_vision_select_feature={feature!r} is not supported; use 'patch' or 'cls_patch'.")
 
 
 def _preprocessing(original: dict) -> tuple[str, list[list[int]] | None]:
@@ -165,13 +115,13 @@ def _preprocessing(original: dict) -> tuple[str, list[list[int]] | None]:
     elif aspect in ("pad", "anyres"):
         preprocessing = aspect
     else:
-        raise ConversionError(f"image_aspect_ratio={aspect!r} is not supported; use 'pad', 'anyres' or 'square'.")
+        raise CheckpointError(f"image_aspect_ratio={aspect!r} is not supported; use 'pad', 'anyres' or 'square'.")
     if preprocessing != "anyres":
         if merge not in ("flat", "spatial", "spatial_unpad"):
-            raise ConversionError(f"mm_patch_merge_type={merge!r} is not supported; use 'flat' or 'spatial_unpad'.")
+            raise CheckpointError(f"mm_patch_merge_type={merge!r} is not supported; use 'flat' or 'spatial_unpad'.")
         return preprocessing, None
     if merge != "spatial_unpad":
-        raise ConversionError(
+        raise CheckpointError(
             f"image_aspect_ratio='anyres' with mm_patch_merge_type={merge!r} is not supported; only 'spatial_unpad' "
             "(the released AnyRes checkpoint's setting: tiles re-assembled, unpadded, one image_newline per row)."
         )
@@ -182,7 +132,7 @@ def _preprocessing(original: dict) -> tuple[str, list[list[int]] | None]:
         except (ValueError, SyntaxError):
             pinpoints = None
     if not pinpoints or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pinpoints):
-        raise ConversionError(
+        raise CheckpointError(
             f"image_grid_pinpoints={original.get('image_grid_pinpoints')!r} must be a list of [width, height] pairs "
             "for image_aspect_ratio='anyres'."
         )
@@ -194,26 +144,26 @@ def _check_fields(original: dict) -> None:
     known = HANDLED_FIELDS | IGNORED_FIELDS | BOOKKEEPING_FIELDS
     unknown = sorted(key for key in original if key.startswith(MULTIMODAL_PREFIXES) and key not in known)
     if unknown:
-        raise ConversionError(
+        raise CheckpointError(
             f"The original config has fields this converter does not know: {unknown}. They may change what the model "
             "computes; convert only checkpoints made with the original Dense Connector / LLaVA-1.5 code."
         )
     architectures = original.get("architectures") or ["LlavaLlamaForCausalLM"]
     if "text_config" in original or original.get("model_type") not in ("llava", "llava_llama"):
-        raise ConversionError(
+        raise CheckpointError(
             f"The config has model_type={original.get('model_type')!r} and architectures={architectures}; expected "
             "the original LLaVA layout (model_type 'llava_llama' or 'llava', LlavaLlamaForCausalLM)."
         )
     if architectures != ["LlavaLlamaForCausalLM"]:
-        raise ConversionError(f"architectures={architectures} is not supported; expected ['LlavaLlamaForCausalLM'].")
+        raise CheckpointError(f"architectures={architectures} is not supported; expected ['LlavaLlamaForCausalLM'].")
     for name, value in (("mm_use_im_start_end", False), ("mm_use_im_patch_token", False), ("use_mm_proj", True)):
         if original.get(name, value) != value:
-            raise ConversionError(
+            raise CheckpointError(
                 f"{name}={original[name]!r} is not supported (the Dense Connector and LLaVA-1.5 releases use {value})."
             )
     padding_side = original.get("tokenizer_padding_side", "right")
     if padding_side not in ("left", "right"):
-        raise ConversionError(f"tokenizer_padding_side={padding_side!r} must be 'left' or 'right'.")
+        raise CheckpointError(f"tokenizer_padding_side={padding_side!r} must be 'left' or 'right'.")
 
 
 def translate_config(
@@ -233,7 +183,7 @@ def translate_config(
     states = {"sci": 1 + len(layers or []), "dci": 1 + len(groups or [])}.get(connector, 1)
     expected_width = vision["hidden_size"] * states
     if original.get("mm_hidden_size", expected_width) != expected_width:
-        raise ConversionError(
+        raise CheckpointError(
             f"mm_hidden_size={original['mm_hidden_size']} does not match the tower (width {vision['hidden_size']}) "
             f"with the {connector!r} connector ({states} state(s) -> {expected_width}); is --vision-tower the right "
             "tower?"
@@ -262,6 +212,6 @@ def translate_config(
     try:
         config.validate_dense_connector()
     except ValueError as error:
-        raise ConversionError(f"The translated config is not valid: {error}") from None
+        raise CheckpointError(f"The translated config is not valid: {error}") from None
     config.architectures = [DenseConnectorForConditionalGeneration.__name__]
     return Translation(config=config, tower=family, preprocessing=preprocessing, notes=notes)

@@ -9,80 +9,25 @@ to the Hub.
 
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import HfApi
 from transformers import PreTrainedTokenizerFast
 
 from ..chat_templates import CHAT_TEMPLATES, STOP_TOKENS
 from ..modeling_dense_connector import DenseConnectorForConditionalGeneration
-from .config import Translation, translate_config
-from .folder import build_generation_config, build_processor, model_card, summarize_dropped, write_code
-from .sources import ConversionError, read_json, resolve_source, source_weights
-from .tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, convert_tokenizer, default_conv_mode, padded_vocab_size
-from .verify import compare_with_golden, load_converted, run_probe
-from .weights import TensorPlan, plan_tensors, write_weights
+from ..writing.folder import build_generation_config, build_processor, model_card, summarize_dropped, write_code
+from ..writing.sources import CheckpointError, read_json, resolve_source, source_weights
+from ..writing.staging import DTYPES, check_output, staged_output, upload
+from ..writing.tensors import TensorPlan, plan_tensors, write_weights
+from ..writing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, convert_tokenizer, default_conv_mode, padded_vocab_size
+from ..writing.towers import Translation
+from ..writing.verify import check_folder
+from .config import translate_config
 
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise ConversionError(f"--output {output} is a file; give a folder.")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ConversionError(f"--output {output} is not empty; pass --overwrite to replace it.")
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def move_into_place(staging: Path, output: Path) -> None:
-    """Replace `output` by `staging` with renames only (the old folder is removed once the new one is in place)."""
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(old)
-    staging.rename(output)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-@contextmanager
-def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
-    """A hidden staging folder next to `output`, moved into place when the block ends without error.
-
-    On any failure, including Ctrl-C, the staging folder and the parent folders this created are removed, so nothing
-    half-written is left. `output` is checked again just before the move (nobody may have filled it meanwhile).
-    """
-    created = [folder for folder in [output.parent, *output.parent.parents] if not folder.exists()]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = None
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result should not be
-        yield staging
-        check_output(output, overwrite)
-        move_into_place(staging, output)
-    except BaseException:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        for folder in created:
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        raise
-
 
 @dataclass
 class Conversion:
@@ -108,7 +53,7 @@ def prepare_conversion(
     original_config = read_json(original_folder / "config.json")
     tower_source = vision_tower or original_config.get("mm_vision_tower")
     if not tower_source:
-        raise ConversionError("The config names no mm_vision_tower; pass --vision-tower.")
+        raise CheckpointError("The config names no mm_vision_tower; pass --vision-tower.")
     tower_folder = resolve_source(tower_source, "vision tower", ["*.json"])
     stored_dtype = original_config.get("torch_dtype")
     torch_dtype = DTYPES[dtype or (stored_dtype if stored_dtype in DTYPES else "float32")]
@@ -116,7 +61,7 @@ def prepare_conversion(
     tokenizer = convert_tokenizer(original_folder, original_config)
     conv_mode = conv_mode or default_conv_mode(tokenizer)
     if conv_mode not in STOP_TOKENS:  # the conversation formats of inference (`plain` is stage-1 training only)
-        raise ConversionError(f"--conv-mode {conv_mode!r} is not one of {sorted(STOP_TOKENS)}.")
+        raise CheckpointError(f"--conv-mode {conv_mode!r} is not one of {sorted(STOP_TOKENS)}.")
     translation = translate_config(
         original_config,
         read_json(tower_folder / "config.json"),
@@ -162,15 +107,6 @@ def write_folder(conversion: Conversion, folder: Path, max_shard_size: int, prog
         conversion.translation, conversion.tokenizer, conversion.tower_folder, CHAT_TEMPLATES[conversion.conv_mode]
     )
     processor.save_pretrained(folder)
-
-
-def check_folder(folder: Path, dtype: torch.dtype, verify_against: str | os.PathLike | None) -> list[str]:
-    """Load the written folder strictly, run the probe (and the fixture comparison); returns what passed."""
-    model, processor = load_converted(folder, dtype)
-    checks = [run_probe(model, processor)]
-    if verify_against is not None:
-        checks.append(compare_with_golden(model, processor, Path(verify_against)))
-    return checks
 
 
 def write_model_card(conversion: Conversion, folder: Path, checks: list[str]) -> None:
@@ -232,16 +168,3 @@ def convert_checkpoint(
     if push_to_hub:
         upload(output, push_to_hub, private=private, original=str(original))
     return output
-
-
-def upload(
-    folder: Path, repo_id: str, private: bool = False, original: str = "", commit_message: str | None = None
-) -> str:
-    """Upload the finished folder to the Hub in one commit; returns the repository id."""
-    api = HfApi()
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if commit_message is None:
-        commit_message = f"Dense Connector converted from {original}" if original else "Dense Connector conversion"
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
-    logger.info("Uploaded %s to https://huggingface.co/%s", folder, repo_id)
-    return repo_id

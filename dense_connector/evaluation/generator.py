@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from ..conversion.verify import loading_problems
+from ..writing.verify import loading_problems
 
 
 @dataclass(frozen=True)

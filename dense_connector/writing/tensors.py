@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .sources import SAFETENSORS_DTYPES, ConversionError, open_tensors, tensor_metadata
+from .sources import SAFETENSORS_DTYPES, CheckpointError, open_tensors, tensor_metadata
 
 
 CHECKPOINT_TOWER_PREFIX = "model.vision_tower.vision_tower."
@@ -135,7 +135,7 @@ class PlanBuilder:
     def finish(self, tower_from: str, what: str, unknown_hint: str, mismatch_hint: str) -> "TensorPlan":
         """The plan (`tower_from` says where the tower came from, `what` names the result in messages)."""
         if self.unknown:
-            raise ConversionError(
+            raise CheckpointError(
                 f"{len(self.unknown)} tensor(s) fit nothing in the {what}, which would lose them: "
                 f"{sorted(self.unknown)}. {unknown_hint}"
             )
@@ -146,7 +146,7 @@ class PlanBuilder:
             problems = [f"missing: {missing}" if missing else "", f"given twice: {duplicates}" if duplicates else ""]
             problems.append(f"shapes that do not fit: {self.mismatched}" if self.mismatched else "")
             listed = "; ".join(problem for problem in problems if problem)
-            raise ConversionError(f"The weights do not fit the {what}'s config ({listed}). {mismatch_hint}")
+            raise CheckpointError(f"The weights do not fit the {what}'s config ({listed}). {mismatch_hint}")
         return TensorPlan(entries=self.entries, dropped=self.dropped, tower_from=tower_from)
 
 

@@ -15,9 +15,9 @@ from transformers.dynamic_module_utils import custom_object_save
 from ..chat_templates import stop_token_ids
 from ..modeling_dense_connector import DenseConnectorForConditionalGeneration
 from ..processing_dense_connector import DenseConnectorProcessor
-from .config import Translation
-from .sources import ConversionError, read_json
+from .sources import CheckpointError, read_json
 from .tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
+from .towers import Translation
 
 
 CLIP_PROCESSOR_FIELDS = (
@@ -64,7 +64,7 @@ def image_processor_settings(tower: str, tower_folder: Path, image_size: int) ->
     if isinstance(crop, int):
         settings["crop_size"] = crop = {"height": crop, "width": crop}
     if not size or "shortest_edge" not in size or crop != {"height": image_size, "width": image_size}:
-        raise ConversionError(
+        raise CheckpointError(
             f"The CLIP preprocessor config in {tower_folder} has size={size}, crop_size={crop}; expected a "
             f"shortest-edge resize and a {image_size}x{image_size} crop matching the tower's image_size."
         )

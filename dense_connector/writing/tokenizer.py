@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerFast
 
-from .sources import ConversionError, read_json
+from .sources import CheckpointError, read_json
 
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
@@ -57,7 +57,7 @@ def sentencepiece_pipeline(
     """
     spec = proto.normalizer_spec
     if not spec.escape_whitespaces or proto.trainer_spec.treat_whitespace_as_suffix:
-        raise ConversionError(
+        raise CheckpointError(
             "The SentencePiece model uses escape_whitespaces=False or treat_whitespace_as_suffix=True, which Llama "
             "tokenizers never do; this converter does not support it."
         )
@@ -159,7 +159,7 @@ def convert_tokenizer(folder: Path, original: dict) -> PreTrainedTokenizerFast:
             [AddedToken(token, special=True, normalized=False) for token in placeholders], special_tokens=True
         )
     else:
-        raise ConversionError(f"{folder} has neither tokenizer.model (SentencePiece) nor tokenizer.json.")
+        raise CheckpointError(f"{folder} has neither tokenizer.model (SentencePiece) nor tokenizer.json.")
     if tokenizer.pad_token is None:
         vocab = tokenizer.get_vocab()
         pad_id = original.get("pad_token_id")

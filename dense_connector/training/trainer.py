@@ -22,7 +22,7 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
-from .training import record_to_messages
+from .data import record_to_messages
 
 
 logger = logging.getLogger(__name__)

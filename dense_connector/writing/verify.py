@@ -6,6 +6,7 @@ given, the processor's ids and pixels, the last logits and the greedy ids must m
 tolerances.
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 
 from ..modeling_dense_connector import DenseConnectorForConditionalGeneration
 from ..processing_dense_connector import DenseConnectorProcessor
-from .sources import ConversionError, read_json
+from .sources import CheckpointError, read_json
 
 
 ORIGINAL_IMAGE_TOKEN_INDEX = -200
@@ -61,10 +62,10 @@ def load_converted(
             folder, dtype=dtype, device_map=device, output_loading_info=True
         )
     except ValueError as error:
-        raise ConversionError(f"The written folder does not load: {error}") from None
+        raise CheckpointError(f"The written folder does not load: {error}") from None
     problems = loading_problems(info)
     if problems:
-        raise ConversionError(
+        raise CheckpointError(
             f"The written folder is not a complete checkpoint of the converted model ({'; '.join(problems)}); "
             "the conversion is refused. This is a bug of the converter: please report it with the command line."
         )
@@ -79,7 +80,7 @@ def run_probe(model, processor) -> str:
     with torch.no_grad():
         logits = model(**inputs, logits_to_keep=1).logits
     if not torch.isfinite(logits).all():
-        raise ConversionError("The converted model gives non-finite logits on the built-in probe.")
+        raise CheckpointError("The converted model gives non-finite logits on the built-in probe.")
     tokens = int(inputs["input_ids"].shape[1])
     return f"forward pass on a built-in image ({tokens} positions) gives finite logits"
 
@@ -111,14 +112,14 @@ def compare_with_golden(model, processor, fixture: Path) -> str:
     """
     meta = read_json(fixture / "meta.json")
     if meta.get("video"):
-        raise ConversionError(f"{fixture} is a video fixture; --verify-against compares image fixtures only.")
+        raise CheckpointError(f"{fixture} is a video fixture; --verify-against compares image fixtures only.")
     golden = load_file(fixture / "golden.safetensors")
     images = [Image.open(fixture / f"image{i}.png").convert("RGB") for i in range(meta.get("num_images", 1))]
     inputs = processor(images=images, text=meta["prompt"], return_tensors="pt")
 
     ids = collapse_placeholders(inputs["input_ids"][0].tolist(), model.config.image_token_id)
     if ids != golden["input_ids_original"][0].tolist():
-        raise ConversionError(f"The processor's input ids differ from the original's in {fixture}.")
+        raise CheckpointError(f"The processor's input ids differ from the original's in {fixture}.")
     pixel_error = 0.0
     for ours, theirs in zip(inputs["pixel_values"], golden_pixel_values(golden)):
         ours = ours[: theirs.shape[0]] if theirs.dim() == 4 else ours
@@ -144,5 +145,14 @@ def compare_with_golden(model, processor, fixture: Path) -> str:
         f"{logit_error:.2e}, greedy ids {'identical' if new_ids == expected_ids else 'different'}"
     )
     if pixel_error > 1e-5 or logit_error > logit_tolerance or (new_ids != expected_ids and not half):
-        raise ConversionError(f"The converted model does not reproduce the original outputs: {summary}.")
+        raise CheckpointError(f"The converted model does not reproduce the original outputs: {summary}.")
     return summary
+
+
+def check_folder(folder: Path, dtype: torch.dtype, verify_against: str | os.PathLike | None) -> list[str]:
+    """Load the written folder strictly, run the probe (and the fixture comparison); returns what passed."""
+    model, processor = load_converted(folder, dtype)
+    checks = [run_probe(model, processor)]
+    if verify_against is not None:
+        checks.append(compare_with_golden(model, processor, Path(verify_against)))
+    return checks

@@ -1,160 +1,28 @@
-"""Fine-tuning helpers: a collator for image-text instruction data, and the training regimes of the original.
+"""The collator that turns instruction records into training batches.
 
-The collator takes raw records (LLaVA conversation JSON or chat messages), renders them with the processor's chat
-template, expands image placeholders through the processor, and masks with -100 every label that is not part of an
-assistant reply. The regimes are the original two stages (projector only, then projector + language model) and
-LoRA on the language model, all with the vision tower frozen by default.
+It renders each record with the processor's chat template, expands the image placeholders through the processor,
+and masks with `IGNORE_INDEX` every label that is not part of an assistant reply (the original's `plain` format:
+everything after the image), padding each batch to its longest record.
 """
 
-import json
 import logging
 import re
-from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 from transformers import BatchFeature
 
-from .chat_templates import CHAT_TEMPLATES
+from ..chat_templates import CHAT_TEMPLATES
+from .data import record_name, record_to_messages
 
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-TUNE_REGIMES = ("projector", "projector+lm", "lora")
-WHITESPACE = re.compile(r"\s*")
-LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-
-
-class InstructionRecords(Sequence):
-    """Instruction records kept as one UTF-8 buffer of their JSON texts, each parsed again when it is read.
-
-    A 665K-record LLaVA mix held as Python dicts takes ~4.6x its file size in every process, and a forked dataloader
-    worker that reads them all copies a third of that again (reference counts dirty the shared pages). Held as bytes
-    it takes the file's size once per process and nothing per worker; reading a record costs one small `json.loads`.
-    """
-
-    def __init__(self, texts: Iterable[str], source: str):
-        buffer, offsets = bytearray(), [0]
-        for text in texts:
-            buffer += text.encode("utf-8")
-            offsets.append(len(buffer))
-        self.buffer = np.frombuffer(bytes(buffer), dtype=np.uint8)
-        self.offsets = np.array(offsets, dtype=np.int64)
-        self.source = source
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, index: int) -> dict:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"record {index} is out of range: {self.source} has {len(self)} records.")
-        index %= len(self)
-        return json.loads(self.buffer[self.offsets[index] : self.offsets[index + 1]].tobytes())
-
-
-def load_instruction_data(path: str | Path) -> InstructionRecords:
-    """Records from a JSON list (the LLaVA format) or a JSON-lines file, each record a JSON object."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    items = jsonl_items(text, path) if path.suffix == ".jsonl" else json_list_items(text, path)
-    return InstructionRecords(items, str(path))
-
-
-def checked_record(item: Any, number: int, path: Path) -> None:
-    if not isinstance(item, dict):
-        raise ValueError(f"Record {number} of {path} is not a JSON object (it is {type(item).__name__}).")
-
-
-def jsonl_items(text: str, path: Path) -> Iterator[str]:
-    """The non-empty lines of a JSON-lines file, each checked to be one JSON object."""
-    for number, line in enumerate(line for line in text.splitlines() if line.strip()):
-        try:
-            checked_record(json.loads(line), number, path)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON in record {number}: {error}") from None
-        yield line
-
-
-def json_list_items(text: str, path: Path) -> Iterator[str]:
-    """The JSON texts of a JSON list's items, found without building the whole list of Python objects at once."""
-    decoder = json.JSONDecoder()
-    position = skip_whitespace(text, 0)
-    if not text.startswith("[", position):
-        raise ValueError(f"{path} must hold a JSON list of records (or be a .jsonl file with one record per line).")
-    position, number = skip_whitespace(text, position + 1), 0
-    while not text.startswith("]", position):
-        try:
-            item, end = decoder.raw_decode(text, position)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON in record {number}: {error}") from None
-        checked_record(item, number, path)
-        yield text[position:end]
-        position = skip_whitespace(text, end)
-        if text.startswith(",", position):
-            position = skip_whitespace(text, position + 1)
-            if text.startswith("]", position):
-                raise ValueError(f"{path} is not a valid JSON list: a `,` after its last record.")
-        elif not text.startswith("]", position):
-            raise ValueError(f"{path} is not a valid JSON list: expected `,` or `]` after record {number}.")
-        number += 1
-    if text[position + 1 :].strip():
-        raise ValueError(f"{path} has text after the end of its JSON list of records.")
-
-
-def skip_whitespace(text: str, position: int) -> int:
-    return WHITESPACE.match(text, position).end()
-
-
-def llava_to_messages(conversations: list[dict], image_token: str = "<image>") -> list[dict]:
-    """LLaVA `conversations` as chat messages; an image placeholder is moved to the start of its turn, as the original
-    preprocessing does (`"<image>\\n" + rest of the text`)."""
-    messages = []
-    for turn in conversations:
-        if turn.get("from") not in LLAVA_ROLES:
-            raise ValueError(
-                f"Unknown speaker {turn.get('from')!r} in a conversation; use one of {list(LLAVA_ROLES)}."
-            )
-        value = turn["value"]
-        if image_token in value:
-            value = (f"{image_token}\n" + value.replace(image_token, "").strip()).strip()
-        messages.append({"role": LLAVA_ROLES[turn["from"]], "content": value})
-    return messages
-
-
-def record_to_messages(record: dict, image_token: str = "<image>") -> tuple[list[dict], list]:
-    """Chat messages and image references (paths or PIL images) of one record in either supported format.
-
-    Chat records list their images under `images`, or in the messages' `{"type": "image", "image" (or "path"): ...}`
-    content items.
-    """
-    if "video" in record or "videos" in record:
-        raise ValueError("Video records are not supported by the training collator; pass image or text records.")
-    if "conversations" in record:
-        images = record.get("image")
-        images = [] if images is None else images if isinstance(images, list) else [images]
-        return llava_to_messages(record["conversations"], image_token), images
-    if "messages" in record:
-        if "images" in record:
-            return record["messages"], list(record["images"] or [])
-        # transformers-style content items may carry the image themselves
-        items = [
-            item
-            for message in record["messages"]
-            if isinstance(message["content"], list)
-            for item in message["content"]
-        ]
-        return record["messages"], [
-            item.get("image", item.get("path")) for item in items if item.get("type") == "image"
-        ]
-    raise ValueError(
-        f"A record needs `conversations` (LLaVA format) or `messages` (chat format); got keys {sorted(record)}."
-    )
 
 
 def assistant_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -344,105 +212,9 @@ class DenseConnectorDataCollator:
         return BatchFeature(batch)
 
 
-def record_name(record: Any) -> str:
-    """`Record id='...'` for records with an `id` (as LLaVA data has), else the start of its JSON."""
-    if isinstance(record, dict) and "id" in record:
-        return f"Record id={record['id']!r}"
-    text = json.dumps(record, default=str)
-    return f"Record {text[:100]}{'...' if len(text) > 100 else ''}"
-
-
 def concat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate along the image axis, zero-padding AnyRes tile axes (dim 1 of 5-d tensors) to the longest."""
     if tensors[0].dim() == 5:
         tiles = max(t.shape[1] for t in tensors)
         tensors = [nn.functional.pad(t, (0, 0, 0, 0, 0, 0, 0, tiles - t.shape[1])) for t in tensors]
     return torch.cat(tensors)
-
-
-def language_model_linear_names(model: nn.Module) -> list[str]:
-    """Names of the language model's linear layers (`q_proj`, ..., `down_proj` for Llama): the LoRA targets."""
-    return sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, module in model.model.language_model.named_modules()
-            if isinstance(module, nn.Linear)
-        }
-    )
-
-
-def prepare_for_training(
-    model: nn.Module,
-    tune: str = "projector+lm",
-    freeze_vision_tower: bool = True,
-    lora_r: int = 128,
-    lora_alpha: int = 256,
-    lora_dropout: float = 0.05,
-    lora_target_modules: list[str] | None = None,
-) -> nn.Module:
-    """Set which parameters train, as in the original recipes, and return the model to train.
-
-    - `"projector"` (stage 1, pre-training): only the projector (and AnyRes `image_newline`).
-    - `"projector+lm"` (stage 2, instruction tuning): the projector, the language model and its head.
-    - `"lora"`: LoRA adapters on the language model's linear layers (through `peft`), with the projector fully
-      trained and saved with the adapter (`modules_to_save`); returns the `PeftModel`. AnyRes `image_newline` stays
-      frozen in this regime, since `peft` saves whole modules only.
-
-    `freeze_vision_tower=False` trains the tower too (saved with the adapter under LoRA). Activation checkpointing
-    (`model.activation_checkpointing_enable()`, `--activation_checkpointing` in the Trainer; `gradient_checkpointing`
-    before transformers 5.20) works in every regime,
-    reentrant or not: transformers checkpoints the layers' `forward`, so the hooks through which the connector reads
-    the tower's hidden states see the checkpointed outputs, and it makes the input embeddings require grad for frozen
-    language models.
-    """
-    if tune not in TUNE_REGIMES:
-        raise ValueError(f"tune={tune!r} is not a training regime; use one of {TUNE_REGIMES}.")
-    inner = model.model
-    model.requires_grad_(False)
-    inner.connector.requires_grad_(True)
-    if inner.image_newline is not None:
-        inner.image_newline.requires_grad_(tune != "lora")
-    if tune == "projector+lm":
-        inner.language_model.requires_grad_(True)
-        model.lm_head.requires_grad_(True)
-    if not freeze_vision_tower:
-        inner.vision_tower.requires_grad_(True)
-    if tune != "lora":
-        return model
-
-    from peft import LoraConfig, get_peft_model
-
-    targets = lora_target_modules or language_model_linear_names(model)
-    config = LoraConfig(
-        r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=rf".*\.language_model\..*\.({'|'.join(map(re.escape, targets))})",
-        modules_to_save=["projector"] + ([] if freeze_vision_tower else ["vision_tower"]),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
-
-
-def trainable_parameter_summary(model: nn.Module) -> str:
-    """`"trainable: N / M parameters (P%)"` for logs."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return f"trainable: {trainable:,} / {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
-
-
-__all__ = [
-    "IGNORE_INDEX",
-    "TUNE_REGIMES",
-    "DenseConnectorDataCollator",
-    "assistant_spans",
-    "language_model_linear_names",
-    "llava_to_messages",
-    "InstructionRecords",
-    "load_instruction_data",
-    "mask_labels",
-    "prepare_for_training",
-    "record_to_messages",
-    "token_char_starts",
-    "trainable_parameter_summary",
-]

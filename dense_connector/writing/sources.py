@@ -4,7 +4,7 @@ This module owns where the original checkpoint and the vision tower come from (a
 repository matching a pattern, downloaded), which weight files a folder holds (index-named shards, a single
 safetensors or `.bin` file, with hints for projector-only or LoRA folders), and reading tensors from them safely
 (`.bin` only with `weights_only=True`, memory-mapped, metadata without reading the data). It also defines
-`ConversionError`, the error every conversion step raises for a checkpoint it cannot convert faithfully.
+`CheckpointError`, the error every conversion step raises for a checkpoint it cannot convert faithfully.
 """
 
 import json
@@ -24,7 +24,7 @@ from safetensors import safe_open
 logger = logging.getLogger(__name__)
 
 
-class ConversionError(ValueError):
+class CheckpointError(ValueError):
     """The checkpoint cannot be converted faithfully; the message says what was found and what to do."""
 
 
@@ -34,9 +34,9 @@ def resolve_source(source: str | os.PathLike, what: str, allow_patterns: list[st
     if path.is_dir():
         return path
     if path.exists():
-        raise ConversionError(f"{what} {str(source)!r} is a file; pass the folder that holds it.")
+        raise CheckpointError(f"{what} {str(source)!r} is a file; pass the folder that holds it.")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
-        raise ConversionError(
+        raise CheckpointError(
             f"{what} {str(source)!r} is neither a local folder nor a Hub repository id (owner/name)."
         )
     logger.info("Downloading %s from the Hub: %s", what, source)
@@ -47,9 +47,9 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConversionError(f"{path} is missing.") from None
+        raise CheckpointError(f"{path} is missing.") from None
     except json.JSONDecodeError as error:
-        raise ConversionError(f"{path} is not valid JSON: {error}") from None
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
 
 
 def weight_files(folder: Path, what: str) -> list[Path]:
@@ -59,7 +59,7 @@ def weight_files(folder: Path, what: str) -> list[Path]:
             names = sorted(set(read_json(folder / index_name)["weight_map"].values()))
             missing = [name for name in names if not (folder / name).is_file()]
             if missing:
-                raise ConversionError(f"{folder / index_name} names shards that are not in the folder: {missing}.")
+                raise CheckpointError(f"{folder / index_name} names shards that are not in the folder: {missing}.")
             return [folder / name for name in names]
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
@@ -70,7 +70,7 @@ def weight_files(folder: Path, what: str) -> list[Path]:
     if (folder / "adapter_model.safetensors").is_file() or (folder / "adapter_model.bin").is_file():
         hints.append("it holds LoRA adapters: merge them into the base model with the original code first")
     hint = f" ({'; '.join(hints)})" if hints else ""
-    raise ConversionError(
+    raise CheckpointError(
         f"No weights found for the {what} in {folder}: expected model.safetensors, pytorch_model.bin, or a sharded "
         f"checkpoint with its .index.json{hint}."
     )
@@ -86,7 +86,7 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # old (non-zip) format: no mmap
     except pickle.UnpicklingError as error:
-        raise ConversionError(
+        raise CheckpointError(
             f"{path} holds objects other than tensors, which a safe (weights_only) load refuses: {error}"
         ) from None
 

@@ -1,0 +1,40 @@
+"""Training Dense Connector models: instruction data, the batch collator, the original's regimes and `Trainer`.
+
+Modules, each using only those listed after it: `trainer` (the original's sampler, projector learning rate and
+stage-1 projector file), `regimes` (which parameters train), `collator` (records to batches with masked labels),
+`data` (instruction files and records).
+"""
+
+from .collator import IGNORE_INDEX, DenseConnectorDataCollator, assistant_spans, mask_labels, token_char_starts
+from .data import InstructionRecords, llava_to_messages, load_instruction_data, record_name, record_to_messages
+from .regimes import TUNE_REGIMES, language_model_linear_names, prepare_for_training, trainable_parameter_summary
+from .trainer import (
+    PROJECTOR_FILE,
+    DenseConnectorTrainer,
+    DenseConnectorTrainingArguments,
+    load_pretrained_projector,
+    save_projector,
+)
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PROJECTOR_FILE",
+    "TUNE_REGIMES",
+    "DenseConnectorDataCollator",
+    "DenseConnectorTrainer",
+    "DenseConnectorTrainingArguments",
+    "InstructionRecords",
+    "assistant_spans",
+    "language_model_linear_names",
+    "llava_to_messages",
+    "load_instruction_data",
+    "load_pretrained_projector",
+    "mask_labels",
+    "prepare_for_training",
+    "record_name",
+    "record_to_messages",
+    "save_projector",
+    "token_char_starts",
+    "trainable_parameter_summary",
+]
