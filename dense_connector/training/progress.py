@@ -88,6 +88,7 @@ def draw_loss_curve(history: list[dict], path: Path) -> Path | None:
         return None
     train = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry and "step" in entry]
     if not train:
+        logger.info(f"no training loss was logged (--logging_steps is more than the steps run), so no {LOSS_CURVE}")
         return None
     evals = {}
     for entry in history:
