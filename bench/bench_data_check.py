@@ -40,9 +40,9 @@ def write_mix(folder: Path, records: int, images: int) -> Path:
         for index in range(records):
             turns = []
             for turn in range(rng.choice((1, 1, 2, 3))):
-                question = "Describe the picture in detail please." * rng.randint(1, 3)
-                turns += [{"from": "human", "value": ("<image>\n" if turn == 0 else "") + question},
-                          {"from": "gpt", "value": "It shows a shape of some colour. " * rng.randint(1, 6)}]  # fmt: skip
+                question = ("<image>\n" if turn == 0 else "") + "Describe the picture in detail." * rng.randint(1, 3)
+                answer = "It shows a shape of some colour. " * rng.randint(1, 6)
+                turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
             record = {"id": str(index), "conversations": turns}
             if index % 5:
                 image = rng.randrange(images)

@@ -29,6 +29,7 @@ from .config import translate_config
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class Conversion:
     """Everything decided before anything is written: sources, tokenizer, config, and the tensor plan."""
