@@ -29,7 +29,6 @@ from .config import translate_config
 
 logger = logging.getLogger(__name__)
 
-
 @dataclass
 class Conversion:
     """Everything decided before anything is written: sources, tokenizer, config, and the tensor plan."""

@@ -25,7 +25,6 @@ ORIGINAL_SIGLIP_DEFAULTS = {
 
 BOOKKEEPING_FIELDS = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path"}
 
-
 @dataclass
 class Translation:
     """The converted config plus what the processor needs and notes for the log and model card."""
