@@ -250,3 +250,31 @@ def test_hub_style_datasets_llava_columns_streaming_and_the_shapes_eval_task(bas
         Dataset.from_dict({"text": ["a"]}).to_parquet(tmp_path / "text" / "train.parquet")
         command.train([*args, "--dataset_name", str(tmp_path / "text"), "--output_dir", str(tmp_path / "d")])
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_the_length_check_refuses_records_whose_images_or_first_reply_do_not_fit():
+    from dense_connector.training.checks import RecordChecker, check_records
+
+    processor = tiny_processor(CONFIG, chat_template=CHAT_TEMPLATES["vicuna_v1"])
+    picture = PILImage.new("RGB", (32, 32))
+    short = {
+        "image": picture,
+        "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Yo"}],
+    }
+    long_question = {"conversations": [{"from": "human", "value": "word " * 200}, {"from": "gpt", "value": "Yo"}]}
+    long_reply = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "word " * 200}]}
+    records = [short, long_question, long_reply]
+    fits = check_records(records, RecordChecker(processor, 1000), "mix", workers=1)
+    assert not fits.bad and fits.truncated == 0
+    report = check_records(records, RecordChecker(processor, 140), "mix", workers=1)
+    assert [(bad.index, bad.field) for bad in report.bad] == [(0, "image"), (1, "conversations")]
+    # the system prompt and 64 placeholders: about 148 tokens
+    assert "its image placeholders end at about token" in report.bad[0].message
+    assert "its first reply starts at about token" in report.bad[1].message
+    assert report.truncated == 1  # the long reply: truncated, still trained
+    # the estimate is close to what the collator makes
+    from dense_connector.training import DenseConnectorDataCollator
+
+    actual = DenseConnectorDataCollator(processor)([short])["input_ids"].shape[1]
+    assert not check_records([short], RecordChecker(processor, actual + 3), "s", workers=1).bad
+    assert check_records([short], RecordChecker(processor, actual - 12), "s", workers=1).bad

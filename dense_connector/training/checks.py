@@ -241,6 +241,8 @@ class RecordChecker:
                 bad.append(BadRecord(record_label(source, index, record), *found, index))
             else:
                 pending.append((index, record, *found))
+        # Records that fit even at the most tokens their texts can make need no tokenising.
+        pending = [item for item in pending if self.length_problem(item[2], item[3], most_tokens(item[2])) is not None]
         texts = [text.replace(self.image_token, "") for _, _, parsed, _ in pending for _, text, _ in parsed.turns]
         counts = iter(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else iter(())
         truncated = 0
@@ -250,6 +252,12 @@ class RecordChecker:
                 bad.append(BadRecord(record_label(source, index, record), *found, index))
             truncated += found is True
         return bad, truncated
+
+
+def most_tokens(parsed: Parsed) -> list[int]:
+    """More tokens than each turn's text can make: one per UTF-8 byte (byte-level and byte-fallback vocabularies
+    never split finer), plus one per space-separated word for a word-start marker."""
+    return [len(text.encode("utf-8")) + text.count(" ") + 1 for _, text, _ in parsed.turns]
 
 
 def image_size(image: Any) -> tuple[int, int] | str:

@@ -47,10 +47,10 @@ class Throughput(TrainerCallback):
     def metrics(self, trainer) -> dict[str, float]:
         """This log's throughput over all processes (a collective: every process logs at the same steps)."""
         now, state = time.perf_counter(), trainer.state
-        totals = trainer.accelerator.reduce(self.counts.to(trainer.args.device, torch.float32), "sum").cpu().double()
-        window = totals - self.logged
+        local, self.logged = self.counts - self.logged, self.counts.clone()  # this log's window: small numbers
+        window = trainer.accelerator.reduce(local.to(trainer.args.device), "sum").cpu()
         seconds = max(now - (self.last_time or now), 1e-9)
-        self.logged, self.last_time = totals, now
+        self.last_time = now
         done = state.global_step - self.start_step
         left = max(state.max_steps - state.global_step, 0)
         eta = (now - self.start_time) / done * left if done > 0 and self.start_time else 0.0
