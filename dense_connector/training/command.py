@@ -106,6 +106,9 @@ def training_data(data_args, processor, seed: int = 0):
         if report.bad and data_args.skip_bad_records:
             bad = {record.index for record in report.bad}
             records = RecordSubset(records, [index for index in range(len(records)) if index not in bad])
+            if not len(records):
+                print("\n".join(report_lines([report])), file=sys.stderr)
+                raise DataError(f"no record of {source.name} can be trained on (listed above)")
         parts.append(records)
     bad = sum(len(report.bad) for report in reports)
     if bad and not data_args.skip_bad_records:
