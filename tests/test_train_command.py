@@ -278,3 +278,17 @@ def test_the_length_check_refuses_records_whose_images_or_first_reply_do_not_fit
     actual = DenseConnectorDataCollator(processor)([short])["input_ids"].shape[1]
     assert not check_records([short], RecordChecker(processor, actual + 3), "s", workers=1).bad
     assert check_records([short], RecordChecker(processor, actual - 12), "s", workers=1).bad
+
+
+def test_check_data_on_a_dataset_whose_images_are_paths(base, tmp_path, capsys):
+    from datasets import Dataset
+
+    data = write_dataset(tmp_path / "data", 3)
+    rows = json.loads(data.read_text())
+    Dataset.from_list(rows).to_parquet(tmp_path / "paths" / "train.parquet")
+    args = ["--model_name_or_path", str(base), "--dataset_name", str(tmp_path / "paths")]
+    assert command.main([*args, "--image_folder", str(data.parent)], "check-data") == 0
+    assert "3 records checked" in capsys.readouterr().err
+    assert command.main([*args, "--image_folder", str(tmp_path)], "check-data") == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and f"{tmp_path / 'paths'} record 0: `image`: {tmp_path / '0.png'} is not found" in lines[0]
