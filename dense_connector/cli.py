@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             return convert(argv[argv.index("convert") + 1 :])
         for command in ("train", "check-data"):
             if command in argv[:2] and argv[: argv.index(command)] in ([], ["--debug"]):
-                return training(command, argv[argv.index(command) + 1 :], debug)
+                before = argv[: argv.index(command)]  # `train --debug X` is TrainingArguments' own option
+                return training(command, argv[argv.index(command) + 1 :], before == ["--debug"])
         args = build_parser().parse_args(argv)
         commands = {"chat": chat, "build": build_command.run, "demo": demo, "eval": evaluate, "web": web_command.web}
         return {**commands, "attention-maps": web_command.attention_maps}[args.command](args)

@@ -30,8 +30,6 @@ from .trainer import DenseConnectorTrainer, load_pretrained_projector
 
 logger = logging.getLogger(__name__)
 
-HELP = "train a Dense Connector checkpoint: a bundled recipe (stage1, stage2) or your own options"
-CHECK_HELP = "check training records as `train` does before its first step (for a dataset's own CI)"
 SKIPPED_FILE = "skipped_records.txt"
 
 
