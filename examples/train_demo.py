@@ -1,8 +1,8 @@
 """Train the bundled demo checkpoint: a tiny Dense Connector (DCI) model, from scratch, on synthetic shapes VQA.
 
 It generates the data (`dense_connector.demo_data`), trains a small BPE tokenizer on its text, builds a tiny
-CLIP-like tower + tiny Llama with random weights, trains every part (tower included) with the same `Trainer` path as
-`examples/finetune.py` (which it calls on LLaVA-format JSON and PNG files, as users' data would come), prints the
+CLIP-like tower + tiny Llama with random weights, trains every part (tower included) with `dense-connector train`
+(whose `train` function it calls on LLaVA-format JSON and PNG files, as users' data would come), prints the
 held-out exact-match accuracy, and saves model + processor (vicuna_v1 chat template) to
 `dense_connector/demo/checkpoint/` and the sample image to `dense_connector/demo/sample.png`. About two minutes of
 training on two CPU cores.
