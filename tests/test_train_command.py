@@ -1,7 +1,8 @@
-"""`dense-connector train` and `check-data` as users run them: bad records listed one line each before anything is
-written, `--skip_bad_records`, recipes (bundled, and one with a weighted mixture of a JSON file and a local parquet
-dataset made with `datasets`), Hub-style datasets with embedded images (also streamed), a text-only language model
-refused in one line, progress metrics, the loss curve and an evaluation task while training."""
+"""`dense-connector train` (also as `python -m dense_connector.training`) and `check-data` as users run them: bad
+records listed one line each before anything is written, `--skip_bad_records`, recipes (bundled, and one with a
+weighted mixture of a JSON file and a local parquet dataset made with `datasets`), Hub-style datasets with embedded
+images (also streamed) or image paths, a text-only language model refused in one line, the length check, progress
+metrics, the loss curve and an evaluation task while training."""
 
 import json
 import logging
@@ -34,9 +35,14 @@ def base(tmp_path_factory) -> Path:
     return folder
 
 
-def run_command(*args: str) -> subprocess.CompletedProcess:
-    executable = str(Path(sys.executable).with_name("dense-connector"))
-    return subprocess.run([executable, *args], capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO,
+def run_command(*args: str, module: bool = False) -> subprocess.CompletedProcess:
+    """`dense-connector ARGS`, or with `module` `python -m dense_connector.training ARGS[1:]` (what `accelerate
+    launch -m dense_connector.training` runs)."""
+    if module:
+        command = [sys.executable, "-m", "dense_connector.training", *args[1:]]
+    else:
+        command = [str(Path(sys.executable).with_name("dense-connector")), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO,
                           stdin=subprocess.DEVNULL)  # fmt: skip
 
 
@@ -209,7 +215,8 @@ datasets:
   - {{dataset_name: {parquet}, weight: 0.3}}
 """)
     output = tmp_path / "out"
-    result = run_command("train", "--config", str(recipe), "--max_steps", "2", "--output_dir", str(output), *COMMON)
+    args = ["--config", str(recipe), "--max_steps", "2", "--output_dir", str(output), *COMMON]
+    result = run_command("train", *args, module=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mixture of 10 records an epoch" in result.stderr and f"{parquet}: 3" in result.stderr
     assert f"{parquet}: 4 records checked" in result.stderr
