@@ -4,6 +4,8 @@
     dense-connector chat --model DIR_OR_HUB_ID --image PATH_OR_URL --interactive
     dense-connector convert ...            (see `dense-connector convert --help`)
     dense-connector build --vision-tower ID_OR_DIR --language-model ID_OR_DIR --output DIR   (a new, untrained model)
+    dense-connector train --config stage1 --model_name_or_path DIR --data_path DATA --output_dir OUT   (training)
+    dense-connector check-data --model_name_or_path DIR --data_path DATA   (the records checked, nothing trained)
     dense-connector demo ["question"]      (the bundled demo checkpoint and sample image)
     dense-connector eval --model DIR ...   (benchmarks through lmms-eval, or LLaVA question files; see `eval --help`)
     dense-connector web [--model DIR_OR_HUB_ID] [--host H] [--port P]   (the Gradio web demo; `web` extra)
@@ -124,6 +126,13 @@ def convert(argv: list[str]) -> int:
     return conversion.run_from_args(conversion.build_parser(parser).parse_args(argv))
 
 
+def training(command: str, argv: list[str], debug: bool) -> int:
+    """`train` and `check-data` with their own parser (the training options, imported only when asked for)."""
+    from dense_connector.training import command as training_command
+
+    return training_command.main(argv, command, debug)
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -148,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Dense Connector vision-language models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{chat,convert,build,demo,eval,web,attention-maps}"
+        dest="command", required=True, metavar="{chat,convert,build,train,check-data,demo,eval,web,attention-maps}"
     )
 
     chat_parser = commands.add_parser("chat", help="answer a question about one or more images")
@@ -162,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("convert", help=f"{CONVERT_HELP} (see `convert --help`)", add_help=False)
     build_command.add_arguments(commands.add_parser("build", help=build_command.HELP, description=build_command.HELP))
+    train_help = "train a checkpoint: a bundled recipe (stage1, stage2) or your own options (see `train --help`)"
+    commands.add_parser("train", help=train_help, add_help=False)
+    check_help = "check training records, train nothing (see `check-data --help`)"
+    commands.add_parser("check-data", help=check_help, add_help=False)
 
     demo_parser = commands.add_parser("demo", help="ask the bundled demo checkpoint about the bundled sample image")
     demo_parser.add_argument("--model", help="use this checkpoint instead of the bundled one")
@@ -195,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "convert" in argv[:2] and argv[: argv.index("convert")] in ([], ["--debug"]):
             return convert(argv[argv.index("convert") + 1 :])
+        for command in ("train", "check-data"):
+            if command in argv[:2] and argv[: argv.index(command)] in ([], ["--debug"]):
+                before = argv[: argv.index(command)]  # `train --debug X` is TrainingArguments' own option
+                return training(command, argv[argv.index(command) + 1 :], before == ["--debug"])
         args = build_parser().parse_args(argv)
         commands = {"chat": chat, "build": build_command.run, "demo": demo, "eval": evaluate, "web": web_command.web}
         return {**commands, "attention-maps": web_command.attention_maps}[args.command](args)

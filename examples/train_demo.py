@@ -1,8 +1,8 @@
 """Train the bundled demo checkpoint: a tiny Dense Connector (DCI) model, from scratch, on synthetic shapes VQA.
 
 It generates the data (`dense_connector.demo_data`), trains a small BPE tokenizer on its text, builds a tiny
-CLIP-like tower + tiny Llama with random weights, trains every part (tower included) with the same `Trainer` path as
-`examples/finetune.py` (which it calls on LLaVA-format JSON and PNG files, as users' data would come), prints the
+CLIP-like tower + tiny Llama with random weights, trains every part (tower included) with `dense-connector train`
+(whose `train` function it calls on LLaVA-format JSON and PNG files, as users' data would come), prints the
 held-out exact-match accuracy, and saves model + processor (vicuna_v1 chat template) to
 `dense_connector/demo/checkpoint/` and the sample image to `dense_connector/demo/sample.png`. About two minutes of
 training on two CPU cores.
@@ -14,7 +14,6 @@ training on two CPU cores.
 import argparse
 import json
 import string
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,10 +25,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaImageP
 from dense_connector import DenseConnectorConfig, DenseConnectorForConditionalGeneration, DenseConnectorProcessor
 from dense_connector.chat_templates import CHAT_TEMPLATES, VICUNA_V1_SYSTEM, stop_token_ids
 from dense_connector.demo_data import IMAGE_SIZE, demo_sample, evaluate, make_splits, to_conversation
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import finetune  # noqa: E402  (examples/finetune.py, next to this script)
+from dense_connector.training import command as finetune
 
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "dense_connector" / "demo"
@@ -187,7 +183,7 @@ def main() -> None:
         model.save_pretrained(tmp / "init")
         processor.save_pretrained(tmp / "init")
         start = time.perf_counter()
-        trainer = finetune.main(
+        trainer = finetune.train(
             [
                 "--model_name_or_path", str(tmp / "init"),
                 "--data_path", str(data_path),

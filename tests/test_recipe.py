@@ -1,7 +1,8 @@
 """The paper's two-stage recipe in miniature, run as a user runs it: `dense-connector build` on Hub-like parts (a
 CLIP tower and a Llama of the demo's shape, random weights), stage 1 (`--version plain --tune projector`, projector
 saved alone), stage 2 (`--version v1 --tune projector+lm` from the same built folder and stage 1's projector, image
-and text-only records, `--group_by_modality_length`), both through `examples/finetune.py` in subprocesses; then the
+and text-only records, `--group_by_modality_length`), both as `dense-connector train --config stage1` / `stage2` (the
+bundled recipes, with flags for a short CPU run) in subprocesses; then the
 result answers the demo's shapes questions through `pipeline`, in a fresh process without the package (remote
 code), clearly better than the built model did."""
 
@@ -96,13 +97,14 @@ def write_data(folder):
     return folder
 
 
-def finetune(*args: str) -> None:
+def train(*args: str) -> None:
+    """`dense-connector train` with a bundled recipe (`--config stage1`) and flags for a CPU run in miniature."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    common = ["--per_device_train_batch_size", "16", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.03",
-              "--weight_decay", "0", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--seed", "0",
-              "--disable_tqdm", "true"]  # fmt: skip
+    cpu = ["--per_device_train_batch_size", "16", "--bf16", "false", "--tf32", "false", "--activation_checkpointing",
+           "false", "--dataloader_num_workers", "0", "--save_strategy", "no", "--logging_steps", "10", "--use_cpu",
+           "--seed", "0", "--disable_tqdm", "true"]  # fmt: skip
     result = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "finetune.py"), *args, *common],
+        [str(Path(sys.executable).with_name("dense-connector")), "train", *args, *cpu],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -110,7 +112,7 @@ def finetune(*args: str) -> None:
         timeout=300,
         stdin=subprocess.DEVNULL,
     )
-    assert result.returncode == 0, f"finetune.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, f"train failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
 
 ANSWERS = """
@@ -133,14 +135,15 @@ def test_build_stage_1_stage_2_then_answers_through_pipeline(tmp_path):
     built = built_model(tmp_path)
     data = write_data(tmp_path / "data")
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
-    finetune("--model_name_or_path", str(built), "--version", "plain", "--tune", "projector", "--save_projector_only",
-             "--data_path", str(data / "captions.json"), "--image_folder", str(data),
-             "--learning_rate", "1e-3", "--max_steps", "60", "--output_dir", str(stage1))  # fmt: skip
-    assert sorted(path.name for path in stage1.iterdir()) == ["projector.safetensors"]  # no copy of the frozen parts
-    finetune("--model_name_or_path", str(built), "--pretrained_projector", str(stage1 / "projector.safetensors"),
-             "--version", "v1", "--tune", "projector+lm", "--group_by_modality_length",
-             "--data_path", str(data / "conversations.json"), "--image_folder", str(data),
-             "--learning_rate", "2e-3", "--max_steps", "120", "--output_dir", str(stage2))  # fmt: skip
+    train("--config", "stage1", "--model_name_or_path", str(built),
+          "--data_path", str(data / "captions.json"), "--image_folder", str(data),
+          "--max_steps", "60", "--output_dir", str(stage1))  # fmt: skip
+    # no copy of the frozen parts: the projector, and the loss curve
+    assert sorted(path.name for path in stage1.iterdir()) == ["loss_curve.png", "projector.safetensors"]
+    train("--config", "stage2", "--model_name_or_path", str(built),
+          "--pretrained_projector", str(stage1 / "projector.safetensors"),
+          "--data_path", str(data / "conversations.json"), "--image_folder", str(data),
+          "--learning_rate", "2e-3", "--max_steps", "120", "--output_dir", str(stage2))  # fmt: skip
 
     script = ANSWERS.format(heldout=str(data / "heldout.json"), folders={"built": str(built), "trained": str(stage2)})
     answers = json.loads(run_without_package(script, tmp_path).stdout.strip().splitlines()[-1])

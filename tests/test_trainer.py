@@ -6,11 +6,14 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import CONFIG, finetune_args, load_finetune_script, save_tiny_checkpoint, write_dataset
+from test_training import CONFIG, finetune_args, save_tiny_checkpoint, write_dataset
 from tiny import tiny_model, tiny_processor
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from dense_connector.chat_templates import CHAT_TEMPLATES
+from dense_connector.checkpoints import UsageError
+from dense_connector.training import command as finetune
+from dense_connector.training.command import DataError
 from dense_connector.training.trainer import (
     PROJECTOR_FILE,
     ModalityLengthGroupedSampler,
@@ -19,11 +22,6 @@ from dense_connector.training.trainer import (
     modality_lengths,
     record_lengths,
 )
-
-
-@pytest.fixture(scope="module")
-def finetune():
-    return load_finetune_script()
 
 
 def text_record(index: int) -> dict:
@@ -70,14 +68,12 @@ def test_every_step_holds_one_modality_but_the_last(images, texts, step):
         assert len(orders) > 1
 
 
-def test_group_by_modality_length_gives_batches_of_one_modality(finetune, base, tmp_path):
+def test_group_by_modality_length_gives_batches_of_one_modality(base, tmp_path):
     data = mixed_dataset(tmp_path / "data", images=8, texts=6)
     extra = ["--group_by_modality_length", "--gradient_accumulation_steps", "2"]
     args = finetune_args(base, data, tmp_path / "out", "projector", 1, extra)
     args[args.index("--per_device_train_batch_size") + 1] = "2"
-    trainer = finetune.build_trainer(
-        *finetune.HfArgumentParser(finetune_parsers(finetune)).parse_args_into_dataclasses(args)
-    )
+    trainer = finetune.build_trainer(*finetune.parse_options(args, "train")[:3])
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, ModalityLengthGroupedSampler) and sampler.step_size == 4
     batches = list(trainer.get_train_dataloader())
@@ -94,23 +90,19 @@ def test_group_by_modality_length_gives_batches_of_one_modality(finetune, base, 
     trainer.train()
 
 
-def finetune_parsers(finetune):
-    return (finetune.ModelArguments, finetune.DataArguments, finetune.DenseConnectorTrainingArguments)
-
-
-def test_group_by_length_works_on_raw_records(finetune, base, tmp_path):
+def test_group_by_length_works_on_raw_records(base, tmp_path):
     data = mixed_dataset(tmp_path / "data", images=4, texts=4)
-    trainer = finetune.main(finetune_args(base, data, tmp_path / "out", "projector", 2, ["--group_by_length"]))
+    trainer = finetune.train(finetune_args(base, data, tmp_path / "out", "projector", 2, ["--group_by_length"]))
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, LengthGroupedSampler)
     assert sampler.lengths == record_lengths(json.loads(data.read_text()))
     assert trainer.state.global_step == 2
 
 
-def test_mm_projector_lr_gives_the_projector_its_own_learning_rate(finetune, base, tmp_path):
+def test_mm_projector_lr_gives_the_projector_its_own_learning_rate(base, tmp_path):
     data = write_dataset(tmp_path / "data", 4)
     extra = ["--mm_projector_lr", "1e-2", "--lr_scheduler_type", "constant"]
-    trainer = finetune.main(finetune_args(base, data, tmp_path / "out", "projector+lm", 1, extra))
+    trainer = finetune.train(finetune_args(base, data, tmp_path / "out", "projector+lm", 1, extra))
     names = {id(param): name for name, param in trainer.model.named_parameters()}
     rates = {}
     for group in trainer.optimizer.param_groups:
@@ -123,12 +115,12 @@ def test_mm_projector_lr_gives_the_projector_its_own_learning_rate(finetune, bas
     )
 
 
-def test_stage_1_saves_the_projector_only_and_stage_2_starts_from_it(finetune, base, tmp_path):
+def test_stage_1_saves_the_projector_only_and_stage_2_starts_from_it(base, tmp_path):
     data = write_dataset(tmp_path / "data", 4)
     stage1 = tmp_path / "stage1"
     extra = ["--version", "plain", "--save_projector_only"]
-    trainer = finetune.main(finetune_args(base, data, stage1, "projector", 2, extra))
-    assert sorted(path.name for path in stage1.iterdir()) == [PROJECTOR_FILE]
+    trainer = finetune.train(finetune_args(base, data, stage1, "projector", 2, extra))
+    assert sorted(path.name for path in stage1.iterdir()) == [PROJECTOR_FILE]  # nothing logged: no loss curve
     saved = load_file(stage1 / PROJECTOR_FILE)
     trained = trainer.model.state_dict()
     assert saved and all(name.startswith("model.connector.projector.") for name in saved)
@@ -141,16 +133,14 @@ def test_stage_1_saves_the_projector_only_and_stage_2_starts_from_it(finetune, b
 
     extra = ["--version", "v1", "--pretrained_projector", str(stage1 / PROJECTOR_FILE)]
     stage2 = finetune.build_trainer(
-        *finetune.HfArgumentParser(finetune_parsers(finetune)).parse_args_into_dataclasses(
-            finetune_args(base, data, tmp_path / "stage2", "projector+lm", 1, extra)
-        )
+        *finetune.parse_options(finetune_args(base, data, tmp_path / "stage2", "projector+lm", 1, extra), "train")[:3]
     )
     for name, tensor in saved.items():
         assert torch.equal(stage2.model.state_dict()[name], tensor)
     assert stage2.processing_class.chat_template == CHAT_TEMPLATES["vicuna_v1"]
 
 
-def test_projector_files_that_do_not_fit_are_refused(finetune, base, tmp_path):
+def test_projector_files_that_do_not_fit_are_refused(base, tmp_path):
     from safetensors.torch import save_file
 
     other = tiny_model(CONFIG)
@@ -170,24 +160,26 @@ def test_projector_files_that_do_not_fit_are_refused(finetune, base, tmp_path):
     assert torch.equal(other.model.connector.projector[0].weight, original["model.mm_projector.0.weight"])
 
     data = write_dataset(tmp_path / "data", 2)
-    with pytest.raises(ValueError, match="--save_projector_only needs --tune projector"):
-        finetune.main(finetune_args(base, data, tmp_path / "out", "projector+lm", 1, ["--save_projector_only"]))
+    with pytest.raises(UsageError, match="--save_projector_only needs --tune projector"):
+        finetune.train(finetune_args(base, data, tmp_path / "out", "projector+lm", 1, ["--save_projector_only"]))
 
 
-def test_stage_2_starts_from_a_full_stage_1_folder(finetune, base, tmp_path):
+def test_stage_2_starts_from_a_full_stage_1_folder(base, tmp_path, capsys):
     data = write_dataset(tmp_path / "data", 4)
-    finetune.main(finetune_args(base, data, tmp_path / "stage1", "projector", 1, ["--version", "plain"]))
+    finetune.train(finetune_args(base, data, tmp_path / "stage1", "projector", 1, ["--version", "plain"]))
     saved = tmp_path / "stage1"
     assert (saved / "model.safetensors").is_file() and not (saved / PROJECTOR_FILE).exists()
     mixed = mixed_dataset(tmp_path / "mixed", images=2, texts=2)
-    with pytest.raises(ValueError, match=r"no `image`; the plain format.*--version v1"):
-        finetune.main(finetune_args(saved, mixed, tmp_path / "stage2", "projector+lm", 1))  # still the plain template
-    trainer = finetune.main(finetune_args(saved, mixed, tmp_path / "stage2", "projector+lm", 1, ["--version", "v1"]))
+    with pytest.raises(DataError, match="2 of 4 records cannot be trained on"):
+        finetune.train(finetune_args(saved, mixed, tmp_path / "stage2", "projector+lm", 1))  # still the plain template
+    assert "record 1: `image`: the plain format (stage 1) takes one image" in capsys.readouterr().err
+    assert not (tmp_path / "stage2").exists()
+    trainer = finetune.train(finetune_args(saved, mixed, tmp_path / "stage2", "projector+lm", 1, ["--version", "v1"]))
     assert trainer.state.global_step == 1
     assert trainer.processing_class.chat_template == CHAT_TEMPLATES["vicuna_v1"]
 
 
-def test_version_sets_the_template_and_the_stop_tokens(finetune):
+def test_version_sets_the_template_and_the_stop_tokens():
     processor, model = tiny_processor(CONFIG), tiny_model(CONFIG)
     for version in ("v1", "vicuna_v1"):
         finetune.set_conversation_format(processor, model, version)
@@ -198,5 +190,5 @@ def test_version_sets_the_template_and_the_stop_tokens(finetune):
     with pytest.raises(ValueError, match=r"no \['<\|eot_id\|>', '<\|end_of_text\|>'\] token"):
         finetune.set_conversation_format(processor, model, "llama_3")  # a Vicuna tokenizer
     processor.chat_template = None
-    with pytest.raises(ValueError, match="pass --version"):
+    with pytest.raises(UsageError, match="pass --version"):
         finetune.set_conversation_format(processor, model, None)

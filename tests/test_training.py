@@ -1,13 +1,12 @@
 """Fine-tuning: the collator's labels and truncation, the training regimes, the Trainer path, LoRA save/load/merge."""
 
-import importlib.util
 import json
 import logging
 
 import pytest
 import torch
 from PIL import Image
-from tiny import REPO, llama_3_tokenizer_folder, tiny_config, tiny_model, tiny_processor, tiny_tokenizer
+from tiny import llama_3_tokenizer_folder, tiny_config, tiny_model, tiny_processor, tiny_tokenizer
 
 from dense_connector import DenseConnectorProcessor
 from dense_connector.chat_templates import CHAT_TEMPLATES
@@ -15,6 +14,7 @@ from dense_connector.conversion import convert_tokenizer
 from dense_connector.training import (
     IGNORE_INDEX,
     DenseConnectorDataCollator,
+    command,
     llava_to_messages,
     load_instruction_data,
     prepare_for_training,
@@ -22,13 +22,6 @@ from dense_connector.training import (
 
 
 CONFIG = tiny_config()  # CLIP, DCI, 64 placeholders per 32x32 image
-
-
-def load_finetune_script():
-    spec = importlib.util.spec_from_file_location("finetune", REPO / "examples" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +336,6 @@ def batch_loss(model, batch):
 def test_finetune_script_trains_and_saves(processor, tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    finetune = load_finetune_script()
     save_tiny_checkpoint(tmp_path / "base", processor)
     tokenizer_config = tmp_path / "base" / "tokenizer_config.json"  # a base checkpoint that pads on the right
     tokenizer_config.write_text(json.dumps({**json.loads(tokenizer_config.read_text()), "padding_side": "right"}))
@@ -351,7 +343,7 @@ def test_finetune_script_trains_and_saves(processor, tmp_path):
     data = write_dataset(tmp_path / "data")
     batch = DenseConnectorDataCollator(processor)(records(8))
     before = tiny_model(CONFIG)
-    trainer = finetune.main(
+    trainer = command.train(
         finetune_args(tmp_path / "base", data, tmp_path / "out", "projector+lm", 12, ["--activation_checkpointing"])
     )
     model = trainer.model.eval()
@@ -377,11 +369,10 @@ def test_finetune_script_trains_and_saves(processor, tmp_path):
 def test_lora_adapter_saves_loads_and_merges(processor, tmp_path):
     from peft import PeftModel
 
-    finetune = load_finetune_script()
     save_tiny_checkpoint(tmp_path / "base", processor)
     data = write_dataset(tmp_path / "data")
     extra = ["--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0"]
-    trainer = finetune.main(finetune_args(tmp_path / "base", data, tmp_path / "out", "lora", 4, extra))
+    trainer = command.train(finetune_args(tmp_path / "base", data, tmp_path / "out", "lora", 4, extra))
     adapted = trainer.model.eval()
     batch = DenseConnectorDataCollator(processor)(records(2))
     with torch.no_grad():

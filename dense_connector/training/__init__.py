@@ -1,8 +1,10 @@
 """Training Dense Connector models: instruction data, the batch collator, the original's regimes and `Trainer`.
 
-Modules, each using only those listed after it: `trainer` (the original's sampler, projector learning rate and
-stage-1 projector file), `regimes` (which parameters train), `collator` (records to batches with masked labels),
-`data` (instruction files and records).
+Modules, each using only those listed after it: `command` (`dense-connector train` and `check-data`), `options`
+(their options, recipe files), `progress` (throughput, loss curve, evaluation task), `sources` (files, `datasets`,
+mixtures), `checks` (the data check), `trainer` (the original's sampler, projector learning rate and stage-1
+projector file), `regimes` (which parameters train), `collator` (records to batches with masked labels), `data`
+(instruction files and records). Only the last four are imported here; `recipes/` holds the bundled recipes.
 """
 
 from .collator import IGNORE_INDEX, DenseConnectorDataCollator, assistant_spans, mask_labels, token_char_starts

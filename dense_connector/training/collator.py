@@ -5,6 +5,7 @@ and masks with `IGNORE_INDEX` every label that is not part of an assistant reply
 everything after the image), padding each batch to its longest record.
 """
 
+import io
 import logging
 import re
 from dataclasses import dataclass
@@ -99,7 +100,8 @@ class DenseConnectorDataCollator:
 
     Records are either LLaVA conversations (`{"image": "a.png", "conversations": [{"from": "human", "value":
     "<image>\\n..."}, {"from": "gpt", "value": "..."}]}`) or chat messages (`{"messages": [{"role": ..., "content":
-    ...}], "images": [...]}`); images are paths (relative to `image_folder`) or PIL images. `labels` keep only the
+    ...}], "images": [...]}`); images are paths (relative to `image_folder`), PIL images, or embedded images as
+    `datasets` leaves them undecoded (`{"bytes": ..., "path": ...}`). `labels` keep only the
     assistant replies with their end-of-turn token; system prompt, user turns, role markers, image placeholders and
     padding are `IGNORE_INDEX`. Sequences are padded on the right. The processor's tokenizer is set to pad on the left,
     for batched generation with what is saved with it (the `Trainer`'s `processing_class`); this collator pads its
@@ -129,9 +131,12 @@ class DenseConnectorDataCollator:
         """Whether records are stage-1 captions (the `plain` template): one image and one caption each."""
         return self.processor.chat_template == CHAT_TEMPLATES["plain"]
 
-    def load_image(self, image: str | Path | Image.Image) -> Image.Image:
+    def load_image(self, image: str | Path | Image.Image | dict) -> Image.Image:
         if isinstance(image, Image.Image):
             return image.convert("RGB")
+        if isinstance(image, dict) and image.get("bytes") is not None:  # embedded, left undecoded by `datasets`
+            with Image.open(io.BytesIO(image["bytes"])) as opened:
+                return opened.convert("RGB")
         path = Path(self.image_folder or "") / image
         if not path.is_file():
             raise FileNotFoundError(f"its image {path} is not found; check --image_folder and the record's `image`.")

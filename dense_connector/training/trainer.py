@@ -117,7 +117,34 @@ class ModalityLengthGroupedSampler(Sampler):
 
 
 class DenseConnectorTrainer(Trainer):
-    """`Trainer` with the samplers, projector learning rate and projector-only saving of the original's."""
+    """`Trainer` with the samplers, projector learning rate and projector-only saving of the original's.
+
+    `dense-connector train` sets `throughput` (a `progress.Throughput` callback: tokens/s, samples/s and ETA added
+    to the training logs) and `eval_task` (called on the model and processor at each evaluation, its metrics logged
+    as `eval_*`); both stay `None` when the Trainer is built by hand.
+    """
+
+    throughput = None
+    eval_task = None
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if self.throughput is not None and model.training:
+            self.throughput.count(inputs)
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self.throughput is not None and "loss" in logs:
+            logs = {**logs, **self.throughput.metrics(self)}
+        super().log(logs, *args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.eval_task is not None:
+            scores = self.eval_task(self.accelerator.unwrap_model(self.model), self.processing_class)
+            scores = {f"{metric_key_prefix}_{name}": value for name, value in scores.items()}
+            self.log(scores)
+            metrics.update(scores)
+        return metrics
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
