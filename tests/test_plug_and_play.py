@@ -1,0 +1,222 @@
+"""Plug and play: Dense Connector models built from today's towers and language models, laid out as on the Hub
+(tests/hub_parts.py), run as remote code end to end.
+
+The matrix: every tower with one language model (Qwen3), and one tower (CLIP) with every language model (the
+mixture-of-experts ones as the Hub keeps them, one tensor per expert). Each cell is built with `dense-connector build`
+(DCI, `--version native`), then one fresh process without the package loads every folder as remote code and, for
+each: generates from an image, takes one training step and checks that it reaches the projector, compares the
+text-only logits with the language model's own and the tower's hidden states with the tower's own (the proof that
+every weight arrived). One subprocess for the whole matrix keeps it fast.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+from hub_parts import (
+    LANGUAGE_MODELS,
+    NON_PATCH_TOKENS,
+    TOWER_LAYERS,
+    TOWERS,
+    clip_model_repo,
+    clip_vision_repo,
+    language_model_repo,
+    qwen2_repo,
+    siglip_model_repo,
+    tower_repo,
+)
+from tiny import run_without_package
+
+from dense_connector.building import BuildError, build_checkpoint
+
+
+ONE_LM = "qwen3"
+ONE_TOWER = "clip_vision"
+TOWER_NAMES = ["clip_model", "siglip_model", *TOWERS]
+LM_NAMES = [*LANGUAGE_MODELS, "qwen2"]
+CELLS = sorted({(tower, ONE_LM) for tower in TOWER_NAMES} | {(ONE_TOWER, lm) for lm in LM_NAMES})
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("parts")
+    made = {
+        "clip_model": clip_model_repo(root / "clip_model"),
+        "siglip_model": siglip_model_repo(root / "siglip_model"),
+        "clip_vision": clip_vision_repo(root / "clip_vision"),
+        "qwen2": qwen2_repo(root / "qwen2"),
+    }
+    made.update({name: tower_repo(root / name, name) for name in TOWERS})
+    made.update({name: language_model_repo(root / name, name) for name in LANGUAGE_MODELS})
+    return made
+
+
+@pytest.fixture(scope="module")
+def matrix(parts, tmp_path_factory) -> dict[str, dict]:
+    """Every cell built, then run in one fresh process as remote code; the per-cell measurements."""
+    root = tmp_path_factory.mktemp("built")
+    cells = {}
+    for tower, lm in CELLS:
+        folder = build_checkpoint(parts[tower], parts[lm], root / f"{tower}+{lm}", version="native", progress=False)
+        cells[f"{tower}+{lm}"] = {"folder": str(folder), "tower": str(parts[tower]), "lm": str(parts[lm])}
+    work = tmp_path_factory.mktemp("remote")
+    run_without_package(RUN_CELLS.replace("CELLS", json.dumps(cells)), work, timeout=900)
+    return json.loads((work / "matrix.json").read_text())
+
+
+RUN_CELLS = r"""
+import json
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+torch.manual_seed(0)
+image = Image.new("RGB", (40, 30), (200, 40, 40))
+results = {}
+for name, cell in json.loads('''CELLS''').items():
+    model = AutoModelForImageTextToText.from_pretrained(cell["folder"], trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(cell["folder"], trust_remote_code=True)
+    result = results[name] = {}
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+    result["new_tokens"] = generated.shape[1] - inputs["input_ids"].shape[1]
+    result["placeholders"] = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    result["config_tokens"] = model.config.num_image_tokens()
+
+    # The tower's hidden states as the tower itself computes them (its vision model when the repository is full).
+    tower = AutoModel.from_pretrained(cell["tower"]).eval()
+    tower = getattr(tower, "vision_model", tower)
+    with torch.no_grad():
+        ours = model.model.get_image_features(inputs["pixel_values"], output_hidden_states=True).hidden_states
+        own = tower(pixel_values=inputs["pixel_values"], output_hidden_states=True).hidden_states
+    result["tower_states"] = len(ours)
+    result["tower_diff"] = max(float((a - b).abs().max()) for a, b in zip(ours, own))
+
+    # Text only: the language model's own logits, over its own vocabulary.
+    lm = AutoModelForCausalLM.from_pretrained(cell["lm"]).eval()
+    ids = processor.tokenizer("A red square on a table.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[..., : lm.config.vocab_size]
+        expected = lm(input_ids=ids).logits
+    result["lm_diff"] = float((logits - expected).abs().max())
+    result["lm_scale"] = float(expected.abs().max())
+
+    # One training step on an image record: the loss reaches the projector, which the step changes.
+    model.train()
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
+    projector = model.model.connector.projector
+    before = [p.detach().clone() for p in projector.parameters()]
+    optimizer = torch.optim.SGD(projector.parameters(), lr=0.1)
+    loss = model(**inputs, labels=labels).loss
+    loss.backward()
+    result["loss"] = float(loss)
+    result["projector_grad"] = float(sum(p.grad.abs().sum() for p in projector.parameters()))
+    optimizer.step()
+    result["projector_moved"] = any(not torch.equal(a, p) for a, p in zip(before, projector.parameters()))
+open("matrix.json", "w").write(json.dumps(results))
+"""
+
+
+@pytest.mark.parametrize("cell", [f"{tower}+{lm}" for tower, lm in CELLS])
+def test_built_model_runs_end_to_end_as_remote_code(matrix, cell):
+    result = matrix[cell]
+    assert result["new_tokens"] == 3
+    assert result["placeholders"] == result["config_tokens"] > 0
+    assert result["projector_grad"] > 0 and result["projector_moved"]
+    assert torch_finite(result["loss"])
+
+
+@pytest.mark.parametrize("cell", [f"{tower}+{lm}" for tower, lm in CELLS])
+def test_every_weight_arrived(matrix, cell):
+    """Text-only logits equal the language model's own; the tower's hidden states equal the tower's own."""
+    result = matrix[cell]
+    assert result["lm_diff"] <= 1e-4 * max(result["lm_scale"], 1.0), result
+    assert result["tower_states"] >= TOWER_LAYERS  # every state up to the deepest layer read
+    assert result["tower_diff"] <= 1e-4, result
+
+
+def torch_finite(value: float) -> bool:
+    return value == value and abs(value) != float("inf")
+
+
+@pytest.mark.parametrize("tower", sorted(NON_PATCH_TOKENS))
+def test_non_patch_tokens_are_read_off_the_tower(parts, tower, tmp_path):
+    """CLS and register tokens are not image features: the config says how many lead the sequence."""
+    from dense_connector.building.builder import prepare_build
+
+    config = prepare_build(parts[tower], parts[ONE_LM]).config
+    expected = NON_PATCH_TOKENS[tower]
+    assert config.vision_prefix_tokens == expected
+    assert config.vision_feature_select_strategy == ("default" if expected else "full")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parts that are not supported: one line naming what is, nothing written
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def saved_config(folder: Path, model_type: str, **settings) -> Path:
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(model_type, **settings).save_pretrained(folder)
+    return folder
+
+
+UNSUPPORTED_TOWERS = {
+    "convnext": ("convnext", {}),
+    "swin": ("swin", {"embed_dim": 32, "depths": [1, 1], "num_heads": [2, 2]}),
+    "siglip2_naflex": ("siglip2_vision_model", {"hidden_size": 32, "num_attention_heads": 4}),
+}
+
+
+@pytest.mark.parametrize("tower", UNSUPPORTED_TOWERS)
+def test_towers_without_a_patch_token_grid_are_refused(parts, tower, tmp_path):
+    model_type, settings = UNSUPPORTED_TOWERS[tower]
+    folder = saved_config(tmp_path / tower, model_type, **settings)
+    with pytest.raises(BuildError, match=r"supports patch-token ViT encoders: CLIP, .*DINOv2") as refused:
+        build_checkpoint(folder, parts[ONE_LM], tmp_path / "out", progress=False)
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_encoder_decoder_language_model_is_refused(parts, tmp_path):
+    folder = saved_config(tmp_path / "t5", "t5", d_model=32, num_layers=1, num_heads=2)
+    with pytest.raises(BuildError, match="needs a causal language model") as refused:
+        build_checkpoint(parts[ONE_TOWER], folder, tmp_path / "out", progress=False)
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_expert_layout_is_refused(parts, tmp_path):
+    """Per-expert tensors under names transformers does not convert fit nothing; nothing is written."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "renamed_experts"
+    folder.mkdir()
+    for path in parts["qwen3_moe"].iterdir():
+        if path.suffix == ".safetensors":
+            tensors = {name.replace(".experts.", ".expert_list."): t for name, t in load_file(path).items()}
+            save_file(tensors, folder / path.name, metadata={"format": "pt"})
+        else:
+            (folder / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(BuildError, match=r"tensor\(s\) fit nothing .*expert_list") as refused:
+        build_checkpoint(parts[ONE_TOWER], folder, tmp_path / "out", progress=False)
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_prints_the_layers_it_chose(parts, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "dense_connector.cli", "build", "--vision-tower", str(parts["dinov2_registers"]),
+         "--language-model", str(parts[ONE_LM]), "--output", str(tmp_path / "out"), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    # 6 layers: final feature hs[5] (the second-to-last layer's output), groups the two halves of hs[0..5].
+    assert "dci connector reads the final feature hs[5] and groups hs[0..2], hs[3..5]" in result.stderr
+    assert "5 non-patch token(s) dropped" in result.stderr
