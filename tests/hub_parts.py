@@ -255,6 +255,12 @@ LANGUAGE_MODELS = {
         {"sliding_window": 4, "head_dim": 16, "layer_types": ["sliding_attention", "full_attention"]},
     ),
     "qwen3": ("qwen3", {"head_dim": 16}),
+    "mistral": ("mistral", {"sliding_window": 4}),
+    "phi3": ("phi3", {}),
+    "olmo2": ("olmo2", {}),
+    "granite": ("granite", {}),
+    "smollm3": ("smollm3", {}),
+    "gpt_oss": ("gpt_oss", {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "sliding_window": 4}),
 }
 
 
