@@ -52,15 +52,21 @@ def parts(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def matrix(parts, tmp_path_factory) -> dict[str, dict]:
-    """Every cell built, then run in one fresh process as remote code; the per-cell measurements."""
+def built(parts, tmp_path_factory) -> dict[str, dict]:
+    """Every cell built with `dense-connector build`: its folder and the parts it was built from."""
     root = tmp_path_factory.mktemp("built")
     cells = {}
     for tower, lm in CELLS:
         folder = build_checkpoint(parts[tower], parts[lm], root / f"{tower}+{lm}", version="native", progress=False)
         cells[f"{tower}+{lm}"] = {"folder": str(folder), "tower": str(parts[tower]), "lm": str(parts[lm])}
+    return cells
+
+
+@pytest.fixture(scope="module")
+def matrix(built, tmp_path_factory) -> dict[str, dict]:
+    """Every cell run in one fresh process as remote code; the per-cell measurements."""
     work = tmp_path_factory.mktemp("remote")
-    run_without_package(RUN_CELLS.replace("CELLS", json.dumps(cells)), work, timeout=900)
+    run_without_package(RUN_CELLS.replace("CELLS", json.dumps(built)), work, timeout=900)
     return json.loads((work / "matrix.json").read_text())
 
 
@@ -139,6 +145,27 @@ def test_every_weight_arrived(matrix, cell):
 
 def torch_finite(value: float) -> bool:
     return value == value and abs(value) != float("inf")
+
+
+@pytest.mark.parametrize("tower", ["dinov2_registers", "dinov3", "aimv2", "siglip_model", "clip_model"])
+def test_attention_maps_cover_the_patch_grid_with_or_without_cls(built, tower):
+    """A tower with a CLS token maps its attention to the patches (registers left out); one without, the mean
+    attention each patch receives (docs/web.md)."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from dense_connector.web.attention import layer_attention
+
+    folder = built[f"{tower}+{ONE_LM}"]["folder"]
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    result = layer_attention(model, AutoProcessor.from_pretrained(folder), Image.new("RGB", (40, 30), (200, 40, 40)))
+    assert len(result.maps) == model.config.vision_config.num_hidden_layers
+    assert all(tuple(m.shape) == (8, 8) for m in result.maps)
+    with_cls = NON_PATCH_TOKENS.get(tower, 1 if tower == "clip_model" else 0) > 0
+    assert result.reduction == ("CLS-to-patch" if with_cls else "mean received")
+    total = result.maps[0].sum().item()
+    # The CLS row leaves out what CLS gives itself and the registers; every query row sums to 1.
+    assert (0 < total < 1) if with_cls else total == pytest.approx(1, abs=1e-4)
 
 
 @pytest.mark.parametrize("tower", sorted(NON_PATCH_TOKENS))
