@@ -239,9 +239,22 @@ def test_build_prints_the_layers_it_chose(parts, tmp_path):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "dense_connector.cli", "build", "--vision-tower", str(parts["dinov2_registers"]),
-         "--language-model", str(parts[ONE_LM]), "--output", str(tmp_path / "out"), "--no-progress"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "dense_connector.cli",
+            "build",
+            "--vision-tower",
+            str(parts["dinov2_registers"]),
+            "--language-model",
+            str(parts[ONE_LM]),
+            "--output",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     # 6 layers: final feature hs[5] (the second-to-last layer's output), groups the two halves of hs[0..5].

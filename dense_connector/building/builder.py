@@ -1,10 +1,12 @@
 """Building a new Dense Connector checkpoint from a vision tower and a causal language model, as the authors' training
-starts: the tower's vision model (a full `CLIPModel` / `SiglipModel` repository or a vision-only one, SigLIP run as the
-original runs it, without its last layer and head), the language model, and a freshly initialised projector (plain
+starts: the tower's vision model (any patch-token encoder transformers has, from a full repository such as `CLIPModel`
+or a vision-only one; SigLIP run as the original runs it, without its last layer and head), the language model (any
+causal LM, its tensors renamed and fused as transformers loads them), and a freshly initialised projector (plain
 `nn.Linear` layers, PyTorch's default initialisation, as the original creates it). `prepare_build` decides everything
 first (tower config, tokenizer with `<image>`/`<video>` and the pad token of the conversation version, config with the
 connector options, processor, generation config); `build_checkpoint` then plans every tensor, streams the parts'
-weights bit for bit into safetensors shards (never holding a model in memory), writes remote code, processor, chat
+weights into safetensors shards (bit for bit, or fused by transformers' own converters; never holding a model in
+memory), writes remote code, processor, chat
 template and model card into a staging folder, loads and probes it, and only then moves it into place; `build_model`
 reads the same tensors into a model in memory. It reuses the conversion's pieces (`dense_connector.conversion`) for
 everything a converted folder has too.
@@ -398,7 +400,9 @@ def plan_build(build: Build, meta_model: DenseConnectorForConditionalGeneration,
     return plan.finish(
         build.tower_source,
         "built model",
-        unknown_hint="Is --language-model a causal LM whose head is one Linear without bias (not, e.g., Phi-2's)?",
+        unknown_hint="Is --language-model a causal LM whose head is one Linear without bias (not, e.g., Phi-2's), "
+        "with its tensors named as transformers saves or converts them (mixture-of-experts: one tensor per expert "
+        "as on the Hub, or fused)?",
         mismatch_hint="Check that --vision-tower and --language-model are the parts' own folders or Hub ids.",
     )
 
@@ -412,7 +416,8 @@ projector only, then stage 2) before it answers anything.
 
 - Connector `{connector}` (hidden states `{layers}`, final feature `hs[{feature}]`), projector of depth {depth},
   image downsampling {downsample}x per side, image preprocessing `pad`, conversation format `{version}`.
-- Vision tower: {tower_layers} encoder layers kept (the deepest one the connector reads). Weights in `{dtype}`.
+- Vision tower ({family}): {tower_layers} encoder layers kept (the deepest one the connector reads), {prefix} leading
+  non-patch token(s) (CLS, registers) dropped from the states read. Weights in `{dtype}`.
 - Tokenizer: `<image>` (id {image_token_id}) and `<video>` (id {video_token_id}) added, pad token `{pad}`;
   vocabulary {old_vocab} -> {new_vocab} rows (new rows are the mean of the original ones).
 - Tensors left out on purpose: {dropped}.
@@ -434,6 +439,8 @@ def model_card_section(build: Build, plan: TensorPlan, seed: int, checks: list[s
         downsample=config.image_downsample_factor,
         version=build.version,
         tower_layers=config.vision_config.num_hidden_layers,
+        family=build.tower.family,
+        prefix=config.vision_prefix_tokens if config.vision_feature_select_strategy == "default" else 0,
         dtype=config.dtype,
         image_token_id=config.image_token_id,
         video_token_id=config.video_token_id,

@@ -33,6 +33,7 @@ ORIGINAL_SIGLIP_DEFAULTS = {
 
 BOOKKEEPING_FIELDS = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path"}
 
+
 @dataclass
 class Translation:
     """The converted config plus what the processor needs and notes for the log and model card."""
@@ -132,7 +133,7 @@ def non_patch_tokens(vision: dict, model_type) -> int:
     shapes = set(lengths)
     if len(shapes) != 1 or len(lengths) != len(layers):
         raise refuse(model_type, "changes its token grid between layers")
-    (batch, tokens, width), = shapes
+    [(_, tokens, width)] = shapes
     if width != config.hidden_size or tokens < patches:
         raise refuse(model_type, f"gives {tokens} tokens of width {width} for {patches} patches")
     return tokens - patches
@@ -150,32 +151,37 @@ def full_model_vision_prefix(tower_config: dict, vision: dict) -> str:
     return prefixes.most_common(1)[0][0] if prefixes else ""
 
 
+def any_vision_config(tower_config: dict) -> dict:
+    """The vision config of any other tower: a full repository's `vision_config`, or a vision-only config, without
+    bookkeeping fields and with any pooling head off (it reads the last layer, never what the connector reads)."""
+    model_type = tower_config.get("model_type")
+    if "vision_config" in tower_config:
+        try:
+            vision = config_from(tower_config).vision_config.to_dict()
+        except (KeyError, ValueError, TypeError, AttributeError):
+            raise refuse(model_type, "is not a model transformers knows") from None
+    elif "text_config" in tower_config or model_type not in CONFIG_MAPPING:
+        raise refuse(model_type, "is not a vision encoder transformers knows")
+    else:
+        vision = dict(tower_config)
+    vision = {key: value for key, value in vision.items() if key not in BOOKKEEPING_FIELDS or key == "model_type"}
+    vision.pop("image_mean", None)
+    vision["model_type"] = SAME_ARCHITECTURE.get(vision["model_type"], vision["model_type"])
+    for key in ("use_head", "vision_use_head"):
+        if key in AutoConfig.for_model(vision["model_type"]).to_dict():
+            vision[key] = False
+    return vision
+
+
 def describe_tower(tower_config: dict) -> Tower:
     """The tower of a repository's config as `dense-connector build` runs it: CLIP and SigLIP as the original does
     (SigLIP without its last layer and head), any other patch-token encoder whole up to the deepest layer read."""
     model_type = tower_config.get("model_type")
     if model_type in ("clip", "siglip", "clip_vision_model", "siglip_vision_model"):
         vision, family = tower_vision_config(tower_config)
-        full = "vision_config" in tower_config
     else:
-        full = "vision_config" in tower_config
-        if full:
-            try:
-                vision = config_from(tower_config).vision_config.to_dict()
-            except (KeyError, ValueError, TypeError, AttributeError):
-                raise refuse(model_type, "is not a model transformers knows") from None
-        elif "text_config" in tower_config or model_type not in CONFIG_MAPPING:
-            raise refuse(model_type, "is not a vision encoder transformers knows")
-        else:
-            vision = dict(tower_config)
-        for key in (*BOOKKEEPING_FIELDS, "image_mean"):
-            if key != "model_type":
-                vision.pop(key, None)
-        vision["model_type"] = SAME_ARCHITECTURE.get(vision["model_type"], vision["model_type"])
+        vision = any_vision_config(tower_config)
         family = "clip" if vision["model_type"] == "clip_vision_model" else vision["model_type"]
-        for key in ("use_head", "vision_use_head"):  # pooling heads read the last layer, never the connector
-            if key in AutoConfig.for_model(vision["model_type"]).to_dict():
-                vision[key] = False
     prefix_tokens = non_patch_tokens(vision, model_type)
-    weights_prefix = full_model_vision_prefix(tower_config, vision) if full else ""
-    return Tower(vision, family, prefix_tokens, weights_prefix)
+    full = "vision_config" in tower_config
+    return Tower(vision, family, prefix_tokens, full_model_vision_prefix(tower_config, vision) if full else "")
