@@ -264,14 +264,15 @@ LANGUAGE_MODELS = {
 }
 
 
-def language_model_repo(folder: Path, name: str, seed: int = 12) -> Path:
-    """A causal LM of `LANGUAGE_MODELS` (2 layers, width 64) with the ChatML tokenizer (no BOS)."""
+def language_model_repo(folder: Path, name: str, seed: int = 12, **overrides) -> Path:
+    """A causal LM of `LANGUAGE_MODELS` (2 layers, width 64; `overrides` change its config) with the ChatML tokenizer
+    (no BOS)."""
     model_type, extra = LANGUAGE_MODELS[name]
+    extra = {**extra, **overrides}
     vocab = chatml_tokenizer(folder)
     config = AutoConfig.for_model(
         model_type,
-        **LM,
-        **extra,
+        **{**LM, **extra},
         vocab_size=len(vocab),
         eos_token_id=vocab["<|im_end|>"],
         bos_token_id=None,

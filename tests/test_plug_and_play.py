@@ -260,3 +260,19 @@ def test_build_prints_the_layers_it_chose(parts, tmp_path):
     # 6 layers: final feature hs[5] (the second-to-last layer's output), groups the two halves of hs[0..5].
     assert "dci connector reads the final feature hs[5] and groups hs[0..2], hs[3..5]" in result.stderr
     assert "5 non-patch token(s) dropped" in result.stderr
+
+
+def test_from_vision_text_pretrained_fuses_experts_in_memory_too(parts):
+    """The in-memory build reads the same plan: per-expert tensors fused, logits equal to the language model's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dense_connector import DenseConnectorForConditionalGeneration
+
+    model = DenseConnectorForConditionalGeneration.from_vision_text_pretrained(parts["dinov3"], parts["qwen3_moe"])
+    lm = AutoModelForCausalLM.from_pretrained(parts["qwen3_moe"]).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits[..., : lm.config.vocab_size]
+        torch.testing.assert_close(ours, lm(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    assert model.config.vision_prefix_tokens == NON_PATCH_TOKENS["dinov3"]
