@@ -19,20 +19,26 @@ from .configuration_dense_connector import DenseConnectorConfig
 
 def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
     """The tower's list of transformer layers, wherever the tower keeps it (`encoder.layers` for CLIP and SigLIP,
-    `encoder.layer` for DINOv2 and InternViT, `model.layer` for DINOv3): the shallowest `nn.ModuleList` holding
-    `num_hidden_layers` modules."""
+    `encoder.layer` for DINOv2 and InternViT, `model.layer` for DINOv3): the `nn.ModuleList` of `num_hidden_layers`
+    modules reached by the shortest attribute path. Attribute access goes through wrappers that keep copies of the
+    tower (PEFT's `modules_to_save`) to the copy they run."""
     num_layers = vision_tower.config.num_hidden_layers
-    found = [
-        (name.count("."), module)
+    names = [
+        name.split(".")
         for name, module in vision_tower.named_modules()
         if isinstance(module, nn.ModuleList) and len(module) == num_layers
     ]
-    if not found:
-        raise ValueError(
-            f"{type(vision_tower).__name__} has no list of {num_layers} encoder layers; Dense Connector supports "
-            "vision towers that keep their transformer layers in one list (CLIP, SigLIP, DINOv2, ...)."
-        )
-    return min(found, key=lambda depth_module: depth_module[0])[1]
+    paths = sorted({tuple(name[start:]) for name in names for start in range(len(name))}, key=len)
+    for path in paths:
+        module = vision_tower
+        for attribute in path:
+            module = getattr(module, attribute, None)
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(
+        f"{type(vision_tower).__name__} has no list of {num_layers} encoder layers; Dense Connector supports "
+        "vision towers that keep their transformer layers in one list (CLIP, SigLIP, DINOv2, ...)."
+    )
 
 
 class DenseConnector(nn.Module):
