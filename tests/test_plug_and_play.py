@@ -10,9 +10,13 @@ every weight arrived). One subprocess for the whole matrix keeps it fast.
 """
 
 import json
+import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hub_parts import (
     LANGUAGE_MODELS,
     NON_PATCH_TOKENS,
@@ -25,9 +29,16 @@ from hub_parts import (
     siglip_model_repo,
     tower_repo,
 )
+from PIL import Image
+from safetensors.torch import load_file, save_file
 from tiny import run_without_package
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
+from dense_connector import DenseConnectorForConditionalGeneration
 from dense_connector.building import BuildError, build_checkpoint
+from dense_connector.building.builder import prepare_build
+from dense_connector.training.regimes import prepare_for_training
+from dense_connector.web.attention import layer_attention
 
 
 ONE_LM = "qwen3"
@@ -131,7 +142,7 @@ def test_built_model_runs_end_to_end_as_remote_code(matrix, cell):
     assert result["new_tokens"] == 3
     assert result["placeholders"] == result["config_tokens"] > 0
     assert result["projector_grad"] > 0 and result["projector_moved"]
-    assert torch_finite(result["loss"])
+    assert math.isfinite(result["loss"])
 
 
 @pytest.mark.parametrize("cell", [f"{tower}+{lm}" for tower, lm in CELLS])
@@ -143,19 +154,10 @@ def test_every_weight_arrived(matrix, cell):
     assert result["tower_diff"] <= 1e-4, result
 
 
-def torch_finite(value: float) -> bool:
-    return value == value and abs(value) != float("inf")
-
-
 @pytest.mark.parametrize("tower", ["dinov2_registers", "dinov3", "aimv2", "siglip_model", "clip_model"])
 def test_attention_maps_cover_the_patch_grid_with_or_without_cls(built, tower):
     """A tower with a CLS token maps its attention to the patches (registers left out); one without, the mean
     attention each patch receives (docs/web.md)."""
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from dense_connector.web.attention import layer_attention
-
     folder = built[f"{tower}+{ONE_LM}"]["folder"]
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     result = layer_attention(model, AutoProcessor.from_pretrained(folder), Image.new("RGB", (40, 30), (200, 40, 40)))
@@ -171,8 +173,6 @@ def test_attention_maps_cover_the_patch_grid_with_or_without_cls(built, tower):
 @pytest.mark.parametrize("tower", sorted(NON_PATCH_TOKENS))
 def test_non_patch_tokens_are_read_off_the_tower(parts, tower, tmp_path):
     """CLS and register tokens are not image features: the config says how many lead the sequence."""
-    from dense_connector.building.builder import prepare_build
-
     config = prepare_build(parts[tower], parts[ONE_LM]).config
     expected = NON_PATCH_TOKENS[tower]
     assert config.vision_prefix_tokens == expected
@@ -185,8 +185,6 @@ def test_non_patch_tokens_are_read_off_the_tower(parts, tower, tmp_path):
 
 
 def saved_config(folder: Path, model_type: str, **settings) -> Path:
-    from transformers import AutoConfig
-
     AutoConfig.for_model(model_type, **settings).save_pretrained(folder)
     return folder
 
@@ -218,8 +216,6 @@ def test_an_encoder_decoder_language_model_is_refused(parts, tmp_path):
 
 def test_an_unknown_expert_layout_is_refused(parts, tmp_path):
     """Per-expert tensors under names transformers does not convert fit nothing; nothing is written."""
-    from safetensors.torch import load_file, save_file
-
     folder = tmp_path / "renamed_experts"
     folder.mkdir()
     for path in parts["qwen3_moe"].iterdir():
@@ -235,9 +231,6 @@ def test_an_unknown_expert_layout_is_refused(parts, tmp_path):
 
 
 def test_build_prints_the_layers_it_chose(parts, tmp_path):
-    import subprocess
-    import sys
-
     result = subprocess.run(
         [
             sys.executable,
@@ -264,11 +257,6 @@ def test_build_prints_the_layers_it_chose(parts, tmp_path):
 
 def test_from_vision_text_pretrained_fuses_experts_in_memory_too(parts):
     """The in-memory build reads the same plan: per-expert tensors fused, logits equal to the language model's."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from dense_connector import DenseConnectorForConditionalGeneration
-
     model = DenseConnectorForConditionalGeneration.from_vision_text_pretrained(parts["dinov3"], parts["qwen3_moe"])
     lm = AutoModelForCausalLM.from_pretrained(parts["qwen3_moe"]).eval()
     ids = torch.tensor([[5, 17, 42, 99, 7]])
@@ -276,3 +264,28 @@ def test_from_vision_text_pretrained_fuses_experts_in_memory_too(parts):
         ours = model(input_ids=ids).logits[..., : lm.config.vocab_size]
         torch.testing.assert_close(ours, lm(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
     assert model.config.vision_prefix_tokens == NON_PATCH_TOKENS["dinov3"]
+
+
+@pytest.mark.parametrize("tune", ["projector+lm", "lora"])
+@pytest.mark.parametrize("cell", ["dinov2_registers+qwen3", "clip_vision+qwen3_moe", "clip_vision+gemma3"])
+def test_stage_2_and_lora_train_built_models(built, cell, tune):
+    """Stage 2 (projector and LM) and LoRA, the tower trained too (under LoRA a copy saved with the adapter): the
+    gradient of an image record reaches the projector, the tower and the LM's weights or adapters."""
+    folder = built[cell]["folder"]
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    model = prepare_for_training(model.train(), tune, freeze_vision_tower=False, lora_r=4, lora_alpha=8)
+    if tune == "lora":  # LoRA's B starts at zero; make the adapters non-trivial
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(std=0.02)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + "A red square."
+    inputs = processor(images=[Image.new("RGB", (40, 30), (200, 40, 40))], text=prompt, return_tensors="pt")
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
+    model(**inputs, labels=labels).loss.backward()
+    reached = {name for name, param in model.named_parameters() if param.grad is not None and param.grad.any()}
+    assert any("projector" in name for name in reached)
+    assert any("vision_tower" in name for name in reached)
+    language = [name for name in reached if "language_model" in name]
+    assert language and all(("lora_" in name) == (tune == "lora") for name in language)
