@@ -39,6 +39,7 @@ from dense_connector.building import BuildError, build_checkpoint
 from dense_connector.building.builder import prepare_build
 from dense_connector.training.regimes import prepare_for_training
 from dense_connector.web.attention import layer_attention
+from dense_connector.writing.sources import CheckpointError
 
 
 ONE_LM = "qwen3"
@@ -289,3 +290,18 @@ def test_stage_2_and_lora_train_built_models(built, cell, tune):
     assert any("vision_tower" in name for name in reached)
     language = [name for name in reached if "language_model" in name]
     assert language and all(("lora_" in name) == (tune == "lora") for name in language)
+
+
+def test_missing_experts_are_refused_leaving_nothing_behind(parts, tmp_path):
+    """A fused tensor whose parts do not make the config's shape (an expert missing) stops the build."""
+    folder = tmp_path / "three_of_four_experts"
+    folder.mkdir()
+    for path in parts["qwen3_moe"].iterdir():
+        if path.suffix == ".safetensors":
+            tensors = {name: t for name, t in load_file(path).items() if ".experts.3." not in name}
+            save_file(tensors, folder / path.name, metadata={"format": "pt"})
+        else:
+            (folder / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(CheckpointError, match=r"experts\.down_proj, made from 3 tensor\(s\).*needs \[4, 64, 32\]"):
+        build_checkpoint(parts[ONE_TOWER], folder, tmp_path / "out", progress=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["three_of_four_experts"]

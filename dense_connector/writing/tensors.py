@@ -165,9 +165,8 @@ class PlanBuilder:
             if ours not in self.expected:
                 self.unknown.append(name)
                 continue
-            entry = TensorEntry(fused.parts[0][0], name, ours, tuple(self.expected[ours]), tensor_dtype, fused)
-            entry.dtype = _target_dtype(tensor_dtype, self.dtype)
-            self.entries.append(entry)
+            dtype = _target_dtype(tensor_dtype, self.dtype)
+            self.entries.append(TensorEntry(fused.parts[0][0], name, ours, tuple(self.expected[ours]), dtype, fused))
 
     def has_tower(self) -> bool:
         return any(entry.name.startswith("model.vision_tower.") for entry in self.entries)
@@ -287,7 +286,14 @@ def fused_tensor(entry: TensorEntry) -> torch.Tensor:
                 getters[path] = files.enter_context(open_tensors(path))
             return getters[path](name)
 
-        return entry.fused.tensor(get, entry.original_name).clone()
+        tensor = entry.fused.tensor(get, entry.original_name).clone()
+    if tuple(tensor.shape) != entry.shape:  # e.g. experts missing from the checkpoint
+        parts = [name for _, name, _ in entry.fused.parts]
+        raise CheckpointError(
+            f"{entry.original_name}, made from {len(parts)} tensor(s) ({parts[0]}, ...), has shape "
+            f"{list(tensor.shape)}; the model's config needs {list(entry.shape)}."
+        )
+    return tensor
 
 
 def write_weights(plan: TensorPlan, folder: Path, max_shard_bytes: int, progress: bool = True) -> list[str]:
