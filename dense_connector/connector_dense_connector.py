@@ -18,16 +18,26 @@ from .configuration_dense_connector import DenseConnectorConfig
 
 
 def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
-    """The tower's list of transformer layers (CLIP, SigLIP and most transformers vision models keep it here)."""
-    for path in ("encoder.layers", "vision_model.encoder.layers", "encoder.layer"):
+    """The tower's list of transformer layers, wherever the tower keeps it (`encoder.layers` for CLIP and SigLIP,
+    `encoder.layer` for DINOv2 and InternViT, `model.layer` for DINOv3): the `nn.ModuleList` of `num_hidden_layers`
+    modules reached by the shortest attribute path. Attribute access goes through wrappers that keep copies of the
+    tower (PEFT's `modules_to_save`) to the copy they run."""
+    num_layers = vision_tower.config.num_hidden_layers
+    names = [
+        name.split(".")
+        for name, module in vision_tower.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers
+    ]
+    paths = sorted({tuple(name[start:]) for name in names for start in range(len(name))}, key=len)
+    for path in paths:
         module = vision_tower
-        for name in path.split("."):
-            module = getattr(module, name, None)
-        if isinstance(module, nn.ModuleList):
+        for attribute in path:
+            module = getattr(module, attribute, None)
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
             return module
     raise ValueError(
-        f"{type(vision_tower).__name__} has no `encoder.layers`; Dense Connector supports vision towers whose "
-        "transformer layers live there (CLIP, SigLIP, ...)."
+        f"{type(vision_tower).__name__} has no list of {num_layers} encoder layers; Dense Connector supports "
+        "vision towers that keep their transformer layers in one list (CLIP, SigLIP, DINOv2, ...)."
     )
 
 
@@ -44,7 +54,8 @@ class DenseConnector(nn.Module):
         self.feature_layer = config.feature_layer_index
         self.layers = list(config.dense_connector_layers or []) if self.connector_type in ("sti", "sci") else []
         self.groups = [list(g) for g in config.dense_connector_groups or []] if self.connector_type == "dci" else []
-        self.drop_cls = config.vision_feature_select_strategy == "default"
+        # Leading tokens that are not patches (CLS, registers), dropped from every state read.
+        self.prefix_tokens = config.vision_prefix_tokens if config.vision_feature_select_strategy == "default" else 0
         self.sti_pool_stride = config.sti_pool_stride
         self.downsample_factor = config.image_downsample_factor
 
@@ -109,8 +120,9 @@ class DenseConnector(nn.Module):
         final = kept[self.feature_layer]
         extras = [means[g] for g in range(len(self.groups))] if self.groups else [kept[i] for i in self.layers]
         extras = [state.to(final.device, final.dtype) for state in extras]
-        if self.drop_cls:
-            final, extras = final[:, 1:], [state[:, 1:] for state in extras]
+        if self.prefix_tokens:
+            start = self.prefix_tokens
+            final, extras = final[:, start:], [state[:, start:] for state in extras]
         return outputs, final, extras
 
     def downsample(self, features: torch.Tensor) -> torch.Tensor:

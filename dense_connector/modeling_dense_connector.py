@@ -110,7 +110,7 @@ class DenseConnectorPreTrainedModel(PreTrainedModel):
             tower=config.vision_config.model_type,
             layers=config.dense_connector_layers or config.dense_connector_groups or "-",
             language_model=config.text_config.model_type,
-            tokens=config.num_image_tokens((config.vision_config.image_size,) * 2),
+            tokens=config.num_image_tokens((config.tower_image_size,) * 2),
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
@@ -199,7 +199,7 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
 
     def _tiles_per_image(self, image_sizes: torch.Tensor) -> list[tuple[int, int]]:
         """AnyRes `(rows, cols)` tile grid of each image, from its original `(height, width)`."""
-        tile = self.config.vision_config.image_size
+        tile = self.config.tower_image_size
         grids = []
         for height, width in image_sizes.tolist():
             best_height, best_width = select_best_resolution((height, width), self.config.image_grid_pinpoints)
@@ -227,7 +227,7 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         """Refuse pixels the tower cannot encode correctly, saying what was expected."""
         layout = layout or "(num_images, channels, height, width)"
         vision = self.config.vision_config
-        expected = (vision.num_channels, vision.image_size, vision.image_size)
+        expected = (vision.num_channels, self.config.tower_image_size, self.config.tower_image_size)
         if pixels.dim() != layout.count(",") + 1 or tuple(pixels.shape[-3:]) != expected:
             raise ValueError(
                 f"{name} must have shape {layout} with (channels, height, width) = {expected} for this vision tower; "
@@ -313,7 +313,7 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         records a zero image it never places), every rank runs the tower and connector at every step, so DDP reduces,
         and FSDP / ZeRO-3 gather, the same parameters on all ranks."""
         vision = self.config.vision_config
-        size = (1, vision.num_channels, vision.image_size, vision.image_size)
+        size = (1, vision.num_channels, self.config.tower_image_size, self.config.tower_image_size)
         pixels = torch.zeros(size, device=self.vision_tower.device, dtype=self.vision_tower.dtype)
         term = self.connector(self.vision_tower, pixels)[1].sum()
         if self.image_newline is not None:

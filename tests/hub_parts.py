@@ -17,6 +17,9 @@ import torch
 from tiny import FIXTURES, llama_3_tokenizer_folder
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
     CLIPConfig,
     CLIPImageProcessor,
     CLIPModel,
@@ -134,8 +137,8 @@ def llama_3_repo(folder: Path) -> Path:
     return folder
 
 
-def qwen2_repo(folder: Path) -> Path:
-    """Qwen2's layout: byte-level BPE `tokenizer.json` without a BOS, tied embeddings, a ChatML chat template."""
+def chatml_tokenizer(folder: Path) -> dict[str, int]:
+    """Qwen2's tokenizer layout in `folder`: byte-level BPE `tokenizer.json`, no BOS, a ChatML chat template."""
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -155,13 +158,125 @@ def qwen2_repo(folder: Path) -> Path:
         "chat_template": QWEN2_TEMPLATE,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    vocab = backend.get_vocab(with_added_tokens=True)
-    config = Qwen2Config(
-        **LM,
-        vocab_size=backend.get_vocab_size(with_added_tokens=True),
-        eos_token_id=vocab["<|im_end|>"],
-        tie_word_embeddings=True,
-    )
+    return backend.get_vocab(with_added_tokens=True)
+
+
+def qwen2_repo(folder: Path) -> Path:
+    """Qwen2's layout: byte-level BPE `tokenizer.json` without a BOS, tied embeddings, a ChatML chat template."""
+    vocab = chatml_tokenizer(folder)
+    config = Qwen2Config(**LM, vocab_size=len(vocab), eos_token_id=vocab["<|im_end|>"], tie_word_embeddings=True)
     save(Qwen2ForCausalLM(config), folder, seed=6)
     GenerationConfig(eos_token_id=[vocab["<|im_end|>"], vocab["<|endoftext|>"]]).save_pretrained(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Today's towers and language models, saved by transformers as the Hub keeps them (`save_pretrained` writes the
+# checkpoint layout: CLIP's `vision_model.` prefix, DINOv3's `layer.N`, one tensor per MoE expert).
+# ----------------------------------------------------------------------------------------------------------------
+
+# name -> (model_type, extra config, image processor class named in preprocessor_config.json)
+TOWERS = {
+    "metaclip_2": ("metaclip_2", {}, "CLIPImageProcessor"),
+    "dinov2": ("dinov2", {}, "BitImageProcessor"),
+    "dinov2_registers": ("dinov2_with_registers", {"num_register_tokens": 4}, "BitImageProcessor"),
+    "dinov3": ("dinov3_vit", {"num_register_tokens": 4}, "DINOv3ViTImageProcessorFast"),
+    "aimv2": ("aimv2_vision_model", {}, "CLIPImageProcessor"),
+    "aimv2_model": ("aimv2", {}, "CLIPImageProcessor"),
+    "mlcd": ("mlcd_vision_model", {}, "CLIPImageProcessor"),
+    "internvit": (
+        "internvl_vision",
+        {"image_size": [IMAGE_SIZE] * 2, "patch_size": [PATCH_SIZE] * 2},
+        "GotOcr2ImageProcessor",
+    ),
+}
+# Leading tokens that are not patches, per tower above (CLS, registers): what a build must read off each tower.
+NON_PATCH_TOKENS = {
+    "metaclip_2": 1,
+    "dinov2": 1,
+    "dinov2_registers": 5,
+    "dinov3": 5,
+    "aimv2": 0,
+    "aimv2_model": 0,
+    "mlcd": 1,
+    "internvit": 1,
+}
+
+
+def tower_repo(folder: Path, name: str, seed: int = 11) -> Path:
+    """A tower of `TOWERS` (6 layers, 32 px, 4 px patches): vision-only, or a full model with a text half."""
+    model_type, extra, processor = TOWERS[name]
+    vision = {**VISION, "num_hidden_layers": TOWER_LAYERS, **extra}
+    sub_configs = getattr(AutoConfig.for_model(model_type), "sub_configs", {})
+    if "vision_config" in sub_configs:
+        text = {**TEXT_TOWER, "vocab_size": 50, "max_position_embeddings": 16}
+        config = AutoConfig.for_model(model_type, vision_config=vision, text_config=text, projection_dim=8)
+    else:
+        config = AutoConfig.for_model(model_type, **vision)
+    save(AutoModel.from_config(config), folder, seed=seed)
+    preprocessor = {
+        "image_processor_type": processor,
+        "size": {"shortest_edge": IMAGE_SIZE + 8},
+        "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        "do_center_crop": True,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return folder
+
+
+MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 32}
+# name -> (model_type, extra config): MoE LMs whose Hub checkpoints keep one tensor per expert, a hybrid
+# sliding-window LM with tied embeddings, a dense LM with the ChatML tokenizer (no BOS).
+LANGUAGE_MODELS = {
+    "qwen3_moe": ("qwen3_moe", {**MOE, "num_experts": 4}),
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "olmoe": ("olmoe", {"num_experts": 4, "num_experts_per_tok": 2}),
+    "deepseek_v3": (
+        "deepseek_v3",
+        {
+            **MOE,
+            "n_routed_experts": 4,
+            "first_k_dense_replace": 1,
+            "kv_lora_rank": 16,
+            "q_lora_rank": 32,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 16,
+            "n_group": 1,
+            "topk_group": 1,
+        },
+    ),
+    "gemma3": (
+        "gemma3_text",
+        {"sliding_window": 4, "head_dim": 16, "layer_types": ["sliding_attention", "full_attention"]},
+    ),
+    "qwen3": ("qwen3", {"head_dim": 16}),
+    "mistral": ("mistral", {"sliding_window": 4}),
+    "phi3": ("phi3", {}),
+    "olmo2": ("olmo2", {}),
+    "granite": ("granite", {}),
+    "smollm3": ("smollm3", {}),
+    "gpt_oss": ("gpt_oss", {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "sliding_window": 4}),
+}
+
+
+def language_model_repo(folder: Path, name: str, seed: int = 12, **overrides) -> Path:
+    """A causal LM of `LANGUAGE_MODELS` (2 layers, width 64; `overrides` change its config) with the ChatML tokenizer
+    (no BOS)."""
+    model_type, extra = LANGUAGE_MODELS[name]
+    extra = {**extra, **overrides}
+    vocab = chatml_tokenizer(folder)
+    config = AutoConfig.for_model(
+        model_type,
+        **{**LM, **extra},
+        vocab_size=len(vocab),
+        eos_token_id=vocab["<|im_end|>"],
+        bos_token_id=None,
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+    save(AutoModelForCausalLM.from_config(config), folder, seed=seed)
     return folder

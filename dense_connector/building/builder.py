@@ -1,10 +1,12 @@
 """Building a new Dense Connector checkpoint from a vision tower and a causal language model, as the authors' training
-starts: the tower's vision model (a full `CLIPModel` / `SiglipModel` repository or a vision-only one, SigLIP run as the
-original runs it, without its last layer and head), the language model, and a freshly initialised projector (plain
+starts: the tower's vision model (any patch-token encoder transformers has, from a full repository such as `CLIPModel`
+or a vision-only one; SigLIP run as the original runs it, without its last layer and head), the language model (any
+causal LM, its tensors renamed and fused as transformers loads them), and a freshly initialised projector (plain
 `nn.Linear` layers, PyTorch's default initialisation, as the original creates it). `prepare_build` decides everything
 first (tower config, tokenizer with `<image>`/`<video>` and the pad token of the conversation version, config with the
 connector options, processor, generation config); `build_checkpoint` then plans every tensor, streams the parts'
-weights bit for bit into safetensors shards (never holding a model in memory), writes remote code, processor, chat
+weights into safetensors shards (bit for bit, or fused by transformers' own converters; never holding a model in
+memory), writes remote code, processor, chat
 template and model card into a staging folder, loads and probes it, and only then moves it into place; `build_model`
 reads the same tensors into a model in memory. It reuses the conversion's pieces (`dense_connector.conversion`) for
 everything a converted folder has too.
@@ -13,6 +15,7 @@ everything a converted folder has too.
 import functools
 import logging
 import os
+import re
 import tempfile
 from contextlib import closing
 from dataclasses import dataclass
@@ -30,11 +33,12 @@ from ..connector_dense_connector import DenseConnector
 from ..modeling_dense_connector import DenseConnectorForConditionalGeneration
 from ..processing_dense_connector import DenseConnectorProcessor
 from ..writing.folder import build_generation_config, build_processor, summarize_dropped, write_code
+from ..writing.load_rules import LoadRules
 from ..writing.sources import CheckpointError, read_json, resolve_source, source_weights, tensor_metadata
 from ..writing.staging import DTYPES, check_output, staged_output
 from ..writing.tensors import PlanBuilder, TensorPlan, read_planned, write_weights
 from ..writing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, convert_tokenizer, padded_vocab_size
-from ..writing.towers import BOOKKEEPING_FIELDS, Translation, tower_vision_config
+from ..writing.towers import BOOKKEEPING_FIELDS, Tower, Translation, describe_tower
 from ..writing.verify import check_folder
 
 
@@ -71,7 +75,7 @@ class Build:
 
     tower_source: str
     tower_folder: Path
-    family: str
+    tower: Tower
     lm_source: str
     lm_folder: Path
     lm_prefix: str
@@ -195,25 +199,28 @@ def tied_embeddings(lm_config: dict) -> bool:
 
 
 def build_config(
-    vision: dict, family: str, lm_config: dict, tokenizer, options: ConnectorOptions, dtype: torch.dtype
+    tower: Tower, lm_config: dict, tokenizer, options: ConnectorOptions, dtype: torch.dtype
 ) -> DenseConnectorConfig:
-    """The Dense Connector config: SigLIP's final feature is the last layer of the cut tower, CLIP's `hs[-2]`."""
+    """The Dense Connector config. The final feature is the output of the tower's second-to-last layer: `hs[-2]`
+    (LLaVA's choice for CLIP, taken for every tower), which for SigLIP is the last layer of the tower the original
+    keeps (it cuts the last one). The non-patch tokens the tower has (CLS, registers) are dropped."""
     text = {key: value for key, value in lm_config.items() if key not in BOOKKEEPING_FIELDS or key == "model_type"}
     text.update(
         vocab_size=padded_vocab_size(int(lm_config["vocab_size"]), len(tokenizer)), pad_token_id=tokenizer.pad_token_id
     )
     feature_layer = options.vision_feature_layer
     if feature_layer is None:
-        feature_layer = -1 if family == "siglip" else -2
+        feature_layer = -1 if tower.family == "siglip" else -2
     try:
         config = DenseConnectorConfig(
-            vision_config=vision,
+            vision_config=tower.vision,
             text_config=text,
             image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
             video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
             dense_connector_type=options.connector,
             vision_feature_layer=feature_layer,
-            vision_feature_select_strategy="full" if family == "siglip" else "default",
+            vision_feature_select_strategy="default" if tower.prefix_tokens else "full",
+            vision_prefix_tokens=tower.prefix_tokens,
             dense_connector_layers=options.dense_connector_layers,
             dense_connector_groups=options.dense_connector_groups,
             projector_hidden_act="gelu",
@@ -272,7 +279,7 @@ def prepare_build(
     if version is not None and version not in VERSIONS:
         raise BuildError(f"version={version!r} is not one of {sorted(VERSIONS)}.")
     tower_folder = resolve_source(tower_source, "vision tower", ["*.json"])
-    vision, family = tower_vision_config(read_json(tower_folder / "config.json"))
+    tower = describe_tower(read_json(tower_folder / "config.json"))
     lm_folder, lm_config, lm_prefix = read_language_model(lm_source)
     if dtype is not None and dtype not in DTYPES:
         raise BuildError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}.")
@@ -283,12 +290,12 @@ def prepare_build(
     version = VERSIONS[version] if version else default_version(tokenizer)
     set_pad_token(tokenizer, version, lm_source)
     template = chat_template(lm_folder, version, lm_source)
-    config = build_config(vision, family, lm_config, tokenizer, options, torch_dtype)
-    processor = build_processor(Translation(config, family, "pad"), tokenizer, tower_folder, template)
+    config = build_config(tower, lm_config, tokenizer, options, torch_dtype)
+    processor = build_processor(Translation(config, tower.family, "pad"), tokenizer, tower_folder, template)
     return Build(
         tower_source,
         tower_folder,
-        family,
+        tower,
         lm_source,
         lm_folder,
         lm_prefix,
@@ -313,6 +320,49 @@ def rename_lm_tensor(name: str, prefix: str, tied: bool) -> tuple[str | None, st
     return name, None
 
 
+def place_tower_tensor(name: str, built: set[str], layers_used: int) -> tuple[str | None, str | None]:
+    """(new name, None), or (None, why it is dropped), for a tensor of the tower's vision model."""
+    if name in built:
+        return f"model.vision_tower.{name}", None
+    layer = re.search(r"(?:^|\.)layers?\.(\d+)\.", name)
+    if layer and int(layer.group(1)) >= layers_used:
+        return None, "vision-tower layer that is never run"
+    return None, "part of the tower the connector never reads (pooling head, buffer)"
+
+
+def tower_rules(config: DenseConnectorConfig) -> LoadRules:
+    """transformers' loading rules of the tower as built (its layers up to the deepest one read)."""
+    with torch.device("meta"):
+        return LoadRules(transformers.AutoModel.from_config(config.vision_config))
+
+
+def language_model_rules(config: DenseConnectorConfig) -> LoadRules:
+    """transformers' loading rules of the causal LM (renamings; per-expert tensors fused as it loads them)."""
+    with torch.device("meta"):
+        return LoadRules(transformers.AutoModelForCausalLM.from_config(config.text_config))
+
+
+def describe_layers(build: Build) -> str:
+    """The hidden states the connector reads, for `build`'s log: final feature, STI/SCI layers or DCI groups."""
+    config = build.config
+    depth = build.tower.vision["num_hidden_layers"]
+    spans = [
+        f"hs[{group[0]}..{group[-1]}]" if group == list(range(group[0], group[-1] + 1)) else f"hs{group}"
+        for group in config.dense_connector_groups or []
+    ]
+    extra = {
+        "sti": f"layers hs{config.dense_connector_layers}",
+        "sci": f"layers hs{config.dense_connector_layers}",
+        "dci": f"groups {', '.join(spans)}",
+    }.get(config.dense_connector_type, "no extra layers")
+    dropped = config.vision_prefix_tokens if config.vision_feature_select_strategy == "default" else 0
+    return (
+        f"{build.tower.family} tower of {depth} layers: {config.dense_connector_type} connector reads the final "
+        f"feature hs[{config.vision_feature_layer}] and {extra}; {config.num_vision_layers_used} layers kept; "
+        f"{dropped} non-patch token(s) dropped"
+    )
+
+
 def initial_projector(config: DenseConnectorConfig, folder: Path, seed: int) -> Path:
     """The projector as the original creates it (plain `nn.Linear`, PyTorch's default init), saved to `folder`."""
     with torch.random.fork_rng(devices=[]):
@@ -332,20 +382,27 @@ def plan_build(build: Build, meta_model: DenseConnectorForConditionalGeneration,
     if tied:
         expected.pop("lm_head.weight")
     plan = PlanBuilder(expected, build.dtype)
-    plan.add_tower(source_weights(build.tower_source, "vision tower"), build.config.num_vision_layers_used)
-    for path in source_weights(build.lm_source, "language model"):
-        for name, (shape, tensor_dtype) in tensor_metadata(path).items():
-            new_name, reason = rename_lm_tensor(name, build.lm_prefix, tied)
-            if new_name is None:
-                plan.dropped[name] = reason
-            else:
-                plan.add(path, name, new_name, shape, tensor_dtype)
+    rules = tower_rules(build.config)
+    built, layers_used = set(rules.expected), build.config.num_vision_layers_used
+    plan.add_model(
+        source_weights(build.tower_source, "vision tower"),
+        rules,
+        lambda name: place_tower_tensor(name, built, layers_used),
+        strip=build.tower.weights_prefix,
+    )
+    plan.add_model(
+        source_weights(build.lm_source, "language model"),
+        language_model_rules(build.config),
+        lambda name: rename_lm_tensor(name, build.lm_prefix, tied),
+    )
     for name, (shape, tensor_dtype) in tensor_metadata(projector).items():
         plan.add(projector, name, name, shape, tensor_dtype)
     return plan.finish(
         build.tower_source,
         "built model",
-        unknown_hint="Is --language-model a causal LM whose head is one Linear without bias (not, e.g., Phi-2's)?",
+        unknown_hint="Is --language-model a causal LM whose head is one Linear without bias (not, e.g., Phi-2's), "
+        "with its tensors named as transformers saves or converts them (mixture-of-experts: one tensor per expert "
+        "as on the Hub, or fused)?",
         mismatch_hint="Check that --vision-tower and --language-model are the parts' own folders or Hub ids.",
     )
 
@@ -359,7 +416,8 @@ projector only, then stage 2) before it answers anything.
 
 - Connector `{connector}` (hidden states `{layers}`, final feature `hs[{feature}]`), projector of depth {depth},
   image downsampling {downsample}x per side, image preprocessing `pad`, conversation format `{version}`.
-- Vision tower: {tower_layers} encoder layers kept (the deepest one the connector reads). Weights in `{dtype}`.
+- Vision tower ({family}): {tower_layers} encoder layers kept (the deepest one the connector reads), {prefix} leading
+  non-patch token(s) (CLS, registers) dropped from the states read. Weights in `{dtype}`.
 - Tokenizer: `<image>` (id {image_token_id}) and `<video>` (id {video_token_id}) added, pad token `{pad}`;
   vocabulary {old_vocab} -> {new_vocab} rows (new rows are the mean of the original ones).
 - Tensors left out on purpose: {dropped}.
@@ -381,6 +439,8 @@ def model_card_section(build: Build, plan: TensorPlan, seed: int, checks: list[s
         downsample=config.image_downsample_factor,
         version=build.version,
         tower_layers=config.vision_config.num_hidden_layers,
+        family=build.tower.family,
+        prefix=config.vision_prefix_tokens if config.vision_feature_select_strategy == "default" else 0,
         dtype=config.dtype,
         image_token_id=config.image_token_id,
         video_token_id=config.video_token_id,
@@ -414,6 +474,7 @@ def build_checkpoint(
     output = Path(output).expanduser().resolve()
     check_output(output, overwrite)
     build = prepare_build(vision_tower, language_model, version, dtype, connector_options_from(connector_options))
+    logger.info("Layers: %s", describe_layers(build))
     with torch.device("meta"):
         meta_model = DenseConnectorForConditionalGeneration(build.config)
     with tempfile.TemporaryDirectory() as scratch:

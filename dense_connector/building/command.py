@@ -31,7 +31,10 @@ def layer_group(text: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--vision-tower", required=True, help="folder or Hub id: CLIPModel, SiglipModel or *VisionModel"
+        "--vision-tower",
+        required=True,
+        help="folder or Hub id of a patch-token vision encoder, full (CLIPModel, SiglipModel, ...) or vision-only "
+        "(CLIPVisionModel, Dinov2Model, ...); see docs/building.md",
     )
     parser.add_argument("--language-model", required=True, help="folder or Hub id of a causal LM with its tokenizer")
     parser.add_argument("--output", required=True, help="folder to write (must be empty unless --overwrite)")
@@ -52,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         nargs="+",
         metavar="L",
-        help="STI/SCI hidden states (default 7 15 for 24 or 26 layers)",
+        help="STI/SCI hidden states (default: the outputs of layers L//3 and 2*(L//3), 7 15 for 24 or 26 layers)",
     )
     parser.add_argument(
         "--dense-connector-groups",
@@ -61,7 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="GROUP",
         help="DCI hidden-state groups, e.g. 0-11 12-23 (default: the tower's layers in two halves)",
     )
-    parser.add_argument("--vision-feature-layer", type=int, help="final feature (default -2 for CLIP, -1 for SigLIP)")
+    parser.add_argument(
+        "--vision-feature-layer",
+        type=int,
+        help="final feature (default: the second-to-last layer's output, -2; -1 for SigLIP, cut as the original does)",
+    )
     parser.add_argument("--projector-depth", type=int, default=2, help="linear layers of the projector (default 2)")
     parser.add_argument(
         "--image-downsample-factor", type=int, default=1, help="Efficient DC: pool image tokens by this per side"

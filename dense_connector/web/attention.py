@@ -2,8 +2,9 @@
 
 `layer_attention` runs the model's own tower, with eager attention and `output_attentions`, on the image as the
 model's own processor prepares it, and reduces each layer's attention to one weight per patch, averaged over heads.
-A tower with a CLS token (CLIP) gives the CLS token's attention to each patch; a tower without one (SigLIP) gives the
-mean attention each patch receives from all patches, the nearest analogue of "what the layer gathers". Panel `k` is
+A tower with a CLS token (CLIP, DINOv2, ...) gives the CLS token's attention to each patch (register tokens, which
+follow the CLS token, left out); a tower without one (SigLIP, AIMv2) gives the mean attention each patch receives
+from all patches, the nearest analogue of "what the layer gathers". Panel `k` is
 encoder layer `k`, whose output is hidden state `k` (hidden state 0, the embeddings, has no attention).
 `draw_attention_grid` overlays the maps on the image the tower saw (after resizing, padding or cropping) in a grid,
 with PIL only, and marks the hidden states the connector reads: `F` (the final feature), the STI/SCI layers, and the
@@ -98,15 +99,14 @@ def layer_attention(model, processor, image: Image.Image) -> LayerAttention:
     attentions = outputs.attentions
     if not attentions or len(attentions) != len(encoder_layers(tower)):
         raise ValueError(f"{type(tower).__name__} did not return the attention weights of each layer.")
-    tokens = attentions[0].shape[-1]
-    side = math.isqrt(tokens)
-    if side * side == tokens:
+    side = model.config.patches_per_side
+    prefix = attentions[0].shape[-1] - side * side  # leading tokens that are not patches: CLS, then any registers
+    if prefix == 0:
         reduction, maps = "mean received", [a[0].float().mean(0).mean(0) for a in attentions]
-    elif math.isqrt(tokens - 1) ** 2 == tokens - 1:
-        side = math.isqrt(tokens - 1)
-        reduction, maps = "CLS-to-patch", [a[0].float().mean(0)[0, 1:] for a in attentions]
+    elif prefix > 0:
+        reduction, maps = "CLS-to-patch", [a[0].float().mean(0)[0, prefix:] for a in attentions]
     else:
-        raise ValueError(f"Cannot lay {tokens} tokens out as a square grid of patches (with or without a CLS token).")
+        raise ValueError(f"Cannot lay {attentions[0].shape[-1]} tokens out as the tower's {side}x{side} patch grid.")
     marks, legend = connector_marks(model.config)
     return LayerAttention(
         maps=[m.reshape(side, side).cpu() for m in maps],

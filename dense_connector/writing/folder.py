@@ -13,6 +13,7 @@ from transformers import GenerationConfig, LlavaImageProcessorPil, LlavaNextImag
 from transformers.dynamic_module_utils import custom_object_save
 
 from ..chat_templates import stop_token_ids
+from ..configuration_dense_connector import side
 from ..modeling_dense_connector import DenseConnectorForConditionalGeneration
 from ..processing_dense_connector import DenseConnectorProcessor
 from .sources import CheckpointError, read_json
@@ -44,7 +45,12 @@ def write_code(model: DenseConnectorForConditionalGeneration, folder: Path, conf
 
 
 def image_processor_settings(tower: str, tower_folder: Path, image_size: int) -> dict:
-    """Resize / crop / normalise settings of the original tower's image processor."""
+    """Resize / crop / normalise settings of the tower's image processor.
+
+    CLIP: its saved settings (a shortest-edge resize and a crop of the tower's size). SigLIP: the original's fixed
+    settings. Any other tower: its saved rescaling, normalisation and resampling, with a square resize to the size the
+    tower's config is built for (images are padded to a square first, so nothing is cropped away).
+    """
     if tower == "siglip":  # the original SigLIP processor ignores saved settings: square resize, mean = std = 0.5
         square = {"height": image_size, "width": image_size}
         return {
@@ -56,8 +62,16 @@ def image_processor_settings(tower: str, tower_folder: Path, image_size: int) ->
             "image_mean": [0.5] * 3,
             "image_std": [0.5] * 3,
         }
+    if not (tower_folder / "preprocessor_config.json").is_file():
+        raise CheckpointError(
+            f"The vision tower in {tower_folder} has no preprocessor_config.json; give the tower's own repository, "
+            "whose image processor says how images are normalised."
+        )
     settings = read_json(tower_folder / "preprocessor_config.json")
     settings = {key: settings[key] for key in CLIP_PROCESSOR_FIELDS if key in settings}
+    if tower != "clip":
+        square = {"height": image_size, "width": image_size}
+        return {**settings, "size": square, "crop_size": square, "do_resize": True, "do_center_crop": False}
     size, crop = settings.get("size"), settings.get("crop_size")
     if isinstance(size, int):
         settings["size"] = size = {"shortest_edge": size}
@@ -76,7 +90,7 @@ def build_processor(
 ) -> DenseConnectorProcessor:
     """The processor: the tower's image preprocessing (`translation.preprocessing`), `tokenizer`, `chat_template`."""
     config = translation.config
-    settings = image_processor_settings(translation.tower, tower_folder, config.vision_config.image_size)
+    settings = image_processor_settings(translation.tower, tower_folder, config.tower_image_size)
     if translation.preprocessing == "anyres":
         image_processor = LlavaNextImageProcessorPil(
             image_grid_pinpoints=config.image_grid_pinpoints, do_pad=True, **settings
@@ -89,7 +103,7 @@ def build_processor(
         chat_template=chat_template,
         image_token=IMAGE_TOKEN,
         video_token=VIDEO_TOKEN,
-        patch_size=config.vision_config.patch_size,
+        patch_size=side(config.vision_config.patch_size),
         dense_connector_type=config.dense_connector_type,
         sti_pool_stride=config.sti_pool_stride,
         image_downsample_factor=config.image_downsample_factor,

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .load_rules import Fused, LoadRules
 from .sources import SAFETENSORS_DTYPES, CheckpointError, open_tensors, tensor_metadata
 
 
@@ -71,6 +72,7 @@ class TensorEntry:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    fused: Fused | None = None  # made from several checkpoint tensors by a transformers converter (MoE experts)
 
     @property
     def nbytes(self) -> int:
@@ -128,6 +130,43 @@ class PlanBuilder:
                     self.dropped[name] = reason
                 else:
                     self.add(path, name, new_name, shape, tensor_dtype)
+
+    def add_model(
+        self,
+        files: list[Path],
+        rules: LoadRules,
+        place: Callable[[str], tuple[str | None, str | None]],
+        strip: str = "",
+    ) -> None:
+        """The tensors of a transformers model's repository (a tower, a causal LM), renamed and fused as transformers
+        does when it loads them (`rules`), then named in the built model by `place` (the model's name -> our name, or
+        None and why it is left out). With `strip`, only the tensors under that prefix belong to the model."""
+        for path in files:
+            for name, (shape, tensor_dtype) in tensor_metadata(path).items():
+                if not name.startswith(strip):
+                    self.dropped[name] = "outside the model built from the repository (e.g. a text half)"
+                    continue
+                target, pattern = rules.rename(name[len(strip) :])
+                new_name, reason = place(target)
+                if new_name is None:
+                    self.dropped[name] = reason
+                elif pattern is None:
+                    self.add(path, name, new_name, shape, tensor_dtype)
+                else:
+                    fused = rules.collect(path, name, target, pattern)
+                    if fused is not None:
+                        self.add_fused(fused, target, new_name, tensor_dtype)
+
+    def add_fused(self, fused: Fused, target: str, new_name: str, tensor_dtype: torch.dtype) -> None:
+        """Every tensor `fused`'s converter makes (one per target pattern), planned with the model's shapes."""
+        patterns = fused.converter.target_patterns
+        for pattern in patterns:
+            name, ours = target.replace(patterns[0], pattern), new_name.replace(patterns[0], pattern)
+            if ours not in self.expected:
+                self.unknown.append(name)
+                continue
+            dtype = _target_dtype(tensor_dtype, self.dtype)
+            self.entries.append(TensorEntry(fused.parts[0][0], name, ours, tuple(self.expected[ours]), dtype, fused))
 
     def has_tower(self) -> bool:
         return any(entry.name.startswith("model.vision_tower.") for entry in self.entries)
@@ -224,6 +263,9 @@ def read_planned(entries: list[TensorEntry]) -> Iterator[tuple[TensorEntry, torc
     with ExitStack() as inputs:
         source, get = None, None
         for entry in entries:
+            if entry.fused is not None:
+                yield entry, fused_tensor(entry).to(entry.dtype)
+                continue
             if entry.source != source:
                 inputs.close()
                 source, get = entry.source, inputs.enter_context(open_tensors(entry.source))
@@ -232,6 +274,26 @@ def read_planned(entries: list[TensorEntry]) -> Iterator[tuple[TensorEntry, torc
                 tensor = append_rows(tensor, entry.shape[0])
             yield entry, tensor.to(entry.dtype)
             del tensor  # so that closing an input file unmaps it
+
+
+def fused_tensor(entry: TensorEntry) -> torch.Tensor:
+    """A fused tensor, its parts read from their files (memory-mapped only while it is made)."""
+    with ExitStack() as files:
+        getters = {}
+
+        def get(path: Path, name: str) -> torch.Tensor:
+            if path not in getters:
+                getters[path] = files.enter_context(open_tensors(path))
+            return getters[path](name)
+
+        tensor = entry.fused.tensor(get, entry.original_name).clone()
+    if tuple(tensor.shape) != entry.shape:  # e.g. experts missing from the checkpoint
+        parts = [name for _, name, _ in entry.fused.parts]
+        raise CheckpointError(
+            f"{entry.original_name}, made from {len(parts)} tensor(s) ({parts[0]}, ...), has shape "
+            f"{list(tensor.shape)}; the model's config needs {list(entry.shape)}."
+        )
+    return tensor
 
 
 def write_weights(plan: TensorPlan, folder: Path, max_shard_bytes: int, progress: bool = True) -> list[str]:

@@ -7,6 +7,9 @@ converted fixtures' language model (4 heads of 16) is read as 2 heads of 32, in 
 Prompts given as text or chat messages are tokenised by vLLM as a whole; the converted tokenizers reproduce the
 original's chunk-wise ids that way (the `▁` after each image included), so those prompt ids are compared too.
 
+Two models built by `dense-connector build` from today's parts (tests/hub_parts.py) are served too: SigLIP 2 at a
+fixed resolution with Qwen3, and DINOv2 with Qwen3-MoE (one tensor per expert in its repository).
+
 The fixtures are converted by `dense-connector convert` run as a user runs it. The OpenAI-compatible servers serve
 folders made by the command-line tools (a converted fixture, a demo checkpoint fine-tuned by `examples/finetune.py`)
 with the package blocked in every Python process of theirs, as `vllm serve` runs where the package is not imported.
@@ -27,12 +30,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_parts import language_model_repo, siglip_model_repo, tower_repo
 from PIL import Image
 from saved_checkpoint import finetune_with_script
 from tiny import HIDE_PACKAGE
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from vllm import LLM, SamplingParams
 
+from dense_connector.building import build_checkpoint
 from dense_connector.demo_data import make_examples
 from dense_connector.integrations.vllm import token_prompt
 
@@ -117,14 +122,37 @@ def converted(tmp_path_factory) -> dict[str, Path]:
     return {name: convert_fixture(name, tmp_path_factory.mktemp(name) / "hf") for name in ("clip_dci", "siglip_dci")}
 
 
-@pytest.fixture(scope="module", params=["demo", "clip_dci", "siglip_dci"])
-def served(request, converted):
+# Built from today's parts (tests/hub_parts.py, heads of 32 channels for vLLM's CPU attention): name -> (tower, LM).
+# SigLIP 2 at a fixed resolution is a `siglip` model on the Hub; Qwen3-MoE keeps one tensor per expert there.
+BUILT = {"siglip2_qwen3": ("siglip", "qwen3"), "dinov2_qwen3_moe": ("dinov2", "qwen3_moe")}
+CHATML_PROMPT = "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Path]:
+    """`dense-connector build` on today's parts, as the Hub keeps them."""
+    root = tmp_path_factory.mktemp("parts")
+    parts = {}
+    for name, (tower, lm) in BUILT.items():
+        tower_folder = siglip_model_repo(root / f"{name}-tower") if tower == "siglip" else None
+        tower_folder = tower_folder or tower_repo(root / f"{name}-tower", tower)
+        lm_folder = language_model_repo(
+            root / f"{name}-lm", lm, num_attention_heads=2, num_key_value_heads=2, head_dim=32
+        )
+        parts[name] = build_checkpoint(tower_folder, lm_folder, root / name, version="native", progress=False)
+    return parts
+
+
+@pytest.fixture(scope="module", params=["demo", "clip_dci", "siglip_dci", *BUILT])
+def served(request, converted, built):
     """(name, vLLM engine, transformers reference, prompt, images) for each checkpoint, one engine at a time."""
     name, engine, binding = request.param, ENGINE, {}
     if name == "demo":
         folder, images = DEMO, [Image.open(DEMO.parent / "sample.png").convert("RGB")] * 2
         prompt = "USER: <image>\nHow many shapes are there? ASSISTANT:"
         engine, binding = {**ENGINE, **TENSOR_PARALLEL}, {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    elif name in BUILT:
+        folder, images, prompt = built[name], fixture_images("clip_dci"), CHATML_PROMPT
     else:
         folder, images = converted[name], fixture_images(name)
         prompt = json.loads((FIXTURES / name / "meta.json").read_text())["prompt"]

@@ -34,15 +34,28 @@ def build_sub_config(sub_config: dict | PreTrainedConfig | None, default: dict) 
 
 
 def default_connector_layers(num_layers: int) -> list[int]:
-    """STI/SCI layers: `hs[7]` and `hs[15]` for 24- and 26-layer towers, a third and two thirds down in general."""
+    """STI/SCI layers: the outputs of layers `L // 3` and `2 * (L // 3)` (`hs[L//3 - 1]`, `hs[2*(L//3) - 1]`).
+
+    The paper's 8th and 16th of CLIP-L's 24 layers (`hs[7]`, `hs[15]`), the same for the original's 26-layer
+    SigLIP.
+    """
     step = max(num_layers // 3, 1)
     return [step - 1, 2 * step - 1]
 
 
 def default_connector_groups(num_layers: int) -> list[list[int]]:
-    """DCI groups: the states `hs[0..L-1]` split into two halves, the first getting the extra one when L is odd."""
+    """DCI groups: the states `hs[0..L-1]` split into two halves, the first getting the extra one when L is odd.
+
+    The paper's `hs[0..11]`, `hs[12..23]` for CLIP-L's 24 layers and `hs[0..12]`, `hs[13..25]` for the original's
+    26-layer SigLIP.
+    """
     half = (num_layers + 1) // 2
     return [list(range(0, half)), list(range(half, num_layers))]
+
+
+def side(value: int | list[int] | tuple[int, ...]) -> int:
+    """A square tower's image or patch size, given as an int or as `[height, width]` (InternViT)."""
+    return value if isinstance(value, int) else value[0]
 
 
 def select_best_resolution(image_size: tuple[int, int], pinpoints: list[list[int]]) -> tuple[int, int]:
@@ -104,7 +117,10 @@ class DenseConnectorConfig(PreTrainedConfig):
         video_token_id (`int`, *optional*): id of the video placeholder token.
         dense_connector_type (`str`): `"sti"`, `"sci"`, `"dci"`, or `"none"` (final layer only, as LLaVA-1.5).
         vision_feature_layer (`int`): hidden state used as the final feature `F`.
-        vision_feature_select_strategy (`str`): `"default"` drops the CLS token (CLIP), `"full"` keeps all (SigLIP).
+        vision_feature_select_strategy (`str`): `"default"` drops the `vision_prefix_tokens` leading tokens that are
+            not patches (CLIP's CLS; DINOv2's CLS and registers), `"full"` keeps all (towers without any, as SigLIP).
+        vision_prefix_tokens (`int`): how many leading tokens of the tower's sequence are not patches (CLS and
+            register tokens); `1` for CLIP. `dense-connector build` reads it off the tower.
         dense_connector_layers (`list[int]`, *optional*): hidden states added by STI/SCI; default `[7, 15]` for 24 or
             26 layers.
         dense_connector_groups (`list[list[int]]`, *optional*): hidden-state groups averaged by DCI; default the two
@@ -131,6 +147,7 @@ class DenseConnectorConfig(PreTrainedConfig):
     dense_connector_type: str = "dci"
     vision_feature_layer: int = -2
     vision_feature_select_strategy: str = "default"
+    vision_prefix_tokens: int = 1
     dense_connector_layers: list[int] | None = None
     dense_connector_groups: list[list[int]] | None = None
     sti_pool_stride: int = 8
@@ -161,8 +178,9 @@ class DenseConnectorConfig(PreTrainedConfig):
         """Make `vision_config` describe the tower that is built: layers after the deepest state read are dropped.
 
         `vision_feature_layer` is first resolved to a non-negative index of the full tower, so that it keeps naming the
-        same hidden state; SigLIP's pooling head, never read, is turned off. A saved config reloads unchanged. A vision
-        config object passed in is copied before it is changed, never modified in place.
+        same hidden state; SigLIP's pooling head, never read, is turned off; a backbone config's stages are cut too. A
+        saved config reloads unchanged. A vision config object passed in is copied before it is changed, never
+        modified in place.
         """
         self.vision_feature_layer = self.feature_layer_index
         built = {"num_hidden_layers": self.num_vision_layers_used}
@@ -172,6 +190,10 @@ class DenseConnectorConfig(PreTrainedConfig):
             self.vision_config = copy.deepcopy(self.vision_config)
             for key, value in built.items():
                 setattr(self.vision_config, key, value)
+            if getattr(self.vision_config, "stage_names", None) is not None:  # a backbone config (DINOv2): its
+                # stages follow the layers built, and its output is the last of them
+                self.vision_config.stage_names = self.vision_config.stage_names[: built["num_hidden_layers"] + 1]
+                self.vision_config.out_features = None
 
     def validate_dense_connector(self):
         """Reject settings the connector cannot run, naming the field and what is allowed."""
@@ -207,6 +229,8 @@ class DenseConnectorConfig(PreTrainedConfig):
                     f"dense_connector_groups={self.dense_connector_groups} must be a non-empty list of non-empty "
                     "lists of hidden-state indices for 'dci'."
                 )
+        if self.vision_prefix_tokens < 0:
+            raise ValueError(f"vision_prefix_tokens={self.vision_prefix_tokens} must not be negative.")
         for name in ("sti_pool_stride", "projector_depth", "image_downsample_factor", "video_pool_stride"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
@@ -217,7 +241,7 @@ class DenseConnectorConfig(PreTrainedConfig):
                 f"{patches}x{patches} patch grid."
             )
         if self.image_grid_pinpoints is not None:
-            size = self.vision_config.image_size
+            size = self.tower_image_size
             bad = [p for p in self.image_grid_pinpoints if len(p) != 2 or p[0] % size or p[1] % size]
             if bad or not self.image_grid_pinpoints:
                 raise ValueError(
@@ -226,8 +250,13 @@ class DenseConnectorConfig(PreTrainedConfig):
                 )
 
     @property
+    def tower_image_size(self) -> int:
+        """Side in pixels of the square images the tower takes."""
+        return side(self.vision_config.image_size)
+
+    @property
     def patches_per_side(self) -> int:
-        return self.vision_config.image_size // self.vision_config.patch_size
+        return self.tower_image_size // side(self.vision_config.patch_size)
 
     @property
     def num_connector_states(self) -> int:
@@ -257,7 +286,7 @@ class DenseConnectorConfig(PreTrainedConfig):
         )
         if self.image_grid_pinpoints is None:
             return tile
-        return num_anyres_tokens(image_size, self.image_grid_pinpoints, self.vision_config.image_size, tile)
+        return num_anyres_tokens(image_size, self.image_grid_pinpoints, self.tower_image_size, tile)
 
     def num_video_tokens(self, num_frames: int) -> int:
         """Placeholders one video of `num_frames` frames takes; every frame is encoded as one tower-sized image."""
