@@ -89,7 +89,8 @@ def test_exported_folders_run_as_stock_llava_with_our_logits_and_the_originals_i
         folders[name] = (str(stock), str(converted(name)))
         assert not list(stock.glob("*.py"))
         assert "auto_map" not in (stock / "config.json").read_text()
-        assert "auto_map" not in (stock / "processor_config.json").read_text()
+        for file in ("processor_config.json", "tokenizer_config.json"):
+            assert "auto_map" not in (stock / file).read_text() and "DenseConnector" not in (stock / file).read_text()
     run_without_package(STOCK_PARITY.format(folders=folders, fixtures=str(FIXTURES)), tmp_path, timeout=600)
     for name in FIXTURE_NAMES:
         with subtests.test(fixture=name):
@@ -166,3 +167,6 @@ def test_gguf_mmproj_holds_the_tower_feature_layers_and_the_folded_projector(con
     torch.testing.assert_close(mmproj, folded, atol=0, rtol=0)
     lm = json.loads((output / "language-model" / "config.json").read_text())
     assert lm["architectures"] == ["LlamaForCausalLM"] and (output / "language-model" / "tokenizer.json").is_file()
+    tokenizer_config = (output / "language-model" / "tokenizer_config.json").read_text()
+    assert "auto_map" not in tokenizer_config and "DenseConnector" not in tokenizer_config
+    assert "ASSISTANT:" in (output / "language-model" / "chat_template.jinja").read_text()

@@ -19,13 +19,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
+from ..processing_dense_connector import DenseConnectorProcessor
 from ..writing.sources import CheckpointError, open_tensors, tensor_metadata
 from ..writing.staging import check_output, staged_output
 from ..writing.tensors import PlanBuilder, write_weights
 from .folding import fold_weight, plan_fold
-from .llava import FIRST_LAYER, Source, read_source
+from .llava import FIRST_LAYER, Source, plain_tokenizer, read_source
 
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def write_mmproj(source: Source, path: Path, outtype: str) -> None:
     config, vision = source.config, source.config.vision_config
     fold = plan_fold(config)
     file_type, matrix_dtype = FILE_TYPES[outtype]
-    image_processor = read_image_processor(source)
+    image_processor = read_processor(source).image_processor
     writer = gguf.GGUFWriter(str(path), "clip")
     writer.add_type(gguf.GGUFType.MMPROJ)
     writer.add_file_type(file_type)
@@ -128,10 +129,8 @@ def write_mmproj(source: Source, path: Path, outtype: str) -> None:
     writer.close()
 
 
-def read_image_processor(source: Source):
-    from ..processing_dense_connector import DenseConnectorProcessor
-
-    return DenseConnectorProcessor.from_pretrained(source.folder).image_processor
+def read_processor(source: Source) -> DenseConnectorProcessor:
+    return DenseConnectorProcessor.from_pretrained(source.folder)
 
 
 def write_language_model(source: Source, folder: Path, progress: bool) -> None:
@@ -154,7 +153,10 @@ def write_language_model(source: Source, folder: Path, progress: bool) -> None:
     model.config.architectures = [type(model).__name__]
     model.config.dtype = source.dtype
     model.config.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(source.folder).save_pretrained(folder)
+    processor = read_processor(source)
+    tokenizer = plain_tokenizer(processor.tokenizer)
+    tokenizer.chat_template = processor.chat_template  # llama.cpp's converter stores it in the GGUF (`--jinja`)
+    tokenizer.save_pretrained(folder)
     if (source.folder / "generation_config.json").is_file():
         shutil.copyfile(source.folder / "generation_config.json", folder / "generation_config.json")
 

@@ -132,6 +132,15 @@ def plan_stock_tensors(source: Source, fold: Fold, config, side_file: Path) -> T
     )
 
 
+def plain_tokenizer(tokenizer):
+    """`tokenizer` without its references to this package's processor (the `auto_map` and `processor_class` it was
+    saved with), so that the folder it is saved into needs no remote code."""
+    tokenizer.init_kwargs.pop("auto_map", None)
+    tokenizer.init_kwargs.pop("processor_class", None)
+    tokenizer._processor_class = None
+    return tokenizer
+
+
 def stock_processor(source: Source, config) -> LlavaProcessor | LlavaNextProcessor:
     """transformers' own processor with the checkpoint's image processor, tokenizer and chat template."""
     ours = DenseConnectorProcessor.from_pretrained(source.folder)
@@ -140,7 +149,7 @@ def stock_processor(source: Source, config) -> LlavaProcessor | LlavaNextProcess
     settings = {key: value for key, value in ours.image_processor.to_dict().items() if key not in NOT_SETTINGS}
     return processor_class(
         image_processor=type(ours.image_processor)(**settings),
-        tokenizer=ours.tokenizer,
+        tokenizer=plain_tokenizer(ours.tokenizer),
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         chat_template=ours.chat_template,
