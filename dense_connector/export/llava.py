@@ -270,7 +270,7 @@ def export_llava(
     output = Path(output).expanduser()
     check_output(output, overwrite)
     source = read_source(model)
-    plan_fold(source.config)  # refusals before anything is staged
+    stock_config(source.config, plan_fold(source.config))  # refusals before anything is staged
     with staged_output(output, overwrite) as staging:
         write_stock_folder(source, staging, output.name, max_shard_size, progress)
     return output
