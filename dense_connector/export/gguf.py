@@ -72,19 +72,21 @@ def gguf_refusal(source: Source) -> str | None:
 
 
 def mmproj_name(name: str) -> str | None:
-    """llama.cpp's name for a checkpoint tensor of the tower or projector; None for one it does not read."""
+    """llama.cpp's name for a checkpoint tensor of the tower or projector; None for the language model's tensors and
+    the tower's final layer norm (the original never applies it); refuses a tower tensor llama.cpp has no name for."""
     if name in PROJECTOR_NAMES:
         return PROJECTOR_NAMES[name]
     if not name.startswith("model.vision_tower."):
         return None
-    name = name.removeprefix("model.vision_tower.").removeprefix("vision_model.")
-    if name in TOWER_NAMES:
-        return TOWER_NAMES[name]
-    parts = name.split(".")
-    if parts[:2] == ["encoder", "layers"]:
-        module, kind = ".".join(parts[3:-1]), parts[-1]
-        return f"v.blk.{parts[2]}.{LAYER_NAMES[module]}.{kind}" if module in LAYER_NAMES else None
-    return None  # the final layer norm: the original never applies it
+    short = name.removeprefix("model.vision_tower.").removeprefix("vision_model.")
+    parts = short.split(".")
+    if short in TOWER_NAMES:
+        return TOWER_NAMES[short]
+    if parts[0] == "post_layernorm":
+        return None
+    if parts[:2] == ["encoder", "layers"] and ".".join(parts[3:-1]) in LAYER_NAMES:
+        return f"v.blk.{parts[2]}.{LAYER_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
+    raise CheckpointError(f"llama.cpp's CLIP has no tensor for the tower's {name}; this tower cannot be exported.")
 
 
 def write_mmproj(source: Source, path: Path, outtype: str) -> None:
