@@ -116,13 +116,12 @@ def write_mmproj(source: Source, path: Path, outtype: str) -> None:
     for path_in in source.files:
         with open_tensors(path_in) as get:
             for name in tensor_metadata(path_in):
+                new_name = "mm.0.weight" if name == FIRST_LAYER else mmproj_name(name)
+                if new_name is None:  # the language model's tensors are not even read
+                    continue
                 tensor = get(name)
                 if name == FIRST_LAYER:
-                    new_name, tensor = "mm.0.weight", fold_weight(tensor, fold, vision.hidden_size)
-                else:
-                    new_name = mmproj_name(name)
-                if new_name is None:
-                    continue
+                    tensor = fold_weight(tensor, fold, vision.hidden_size)
                 data = tensor.to(torch.float32).numpy()
                 writer.add_tensor(new_name, data.astype(matrix_dtype if data.ndim > 1 else np.float32))
     writer.write_header_to_file()
