@@ -157,6 +157,12 @@ def write_language_model(source: Source, folder: Path, progress: bool) -> None:
     processor = read_processor(source)
     tokenizer = plain_tokenizer(processor.tokenizer)
     tokenizer.chat_template = processor.chat_template  # llama.cpp's converter stores it in the GGUF (`--jinja`)
+    # llama.cpp needs a token per embedding row; rows padded past the tokenizer get `[PAD<i>]` tokens, as its own
+    # converter names them for SentencePiece vocabularies (no text ever becomes them).
+    vocab_size = text_config.vocab_size
+    if len(tokenizer) > vocab_size:
+        raise CheckpointError(f"the tokenizer has {len(tokenizer)} tokens but the embedding only {vocab_size} rows.")
+    tokenizer.add_tokens([f"[PAD{index}]" for index in range(len(tokenizer), vocab_size)], special_tokens=True)
     tokenizer.save_pretrained(folder)
     if (source.folder / "generation_config.json").is_file():
         shutil.copyfile(source.folder / "generation_config.json", folder / "generation_config.json")
