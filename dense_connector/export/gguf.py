@@ -9,6 +9,7 @@ does). The language model is written as a plain transformers folder; with `llama
 it is converted there, else the command that converts it is printed.
 """
 
+import json
 import logging
 import shlex
 import shutil
@@ -164,8 +165,21 @@ def write_language_model(source: Source, folder: Path, progress: bool) -> None:
         raise CheckpointError(f"the tokenizer has {len(tokenizer)} tokens but the embedding only {vocab_size} rows.")
     tokenizer.add_tokens([f"[PAD{index}]" for index in range(len(tokenizer), vocab_size)], special_tokens=True)
     tokenizer.save_pretrained(folder)
-    if (source.folder / "generation_config.json").is_file():
-        shutil.copyfile(source.folder / "generation_config.json", folder / "generation_config.json")
+    for name in ("generation_config.json", "tokenizer.model"):
+        if (source.folder / name).is_file():
+            shutil.copyfile(source.folder / name, folder / name)
+    if not (folder / "tokenizer.model").is_file() and tokenizer_json_is_sentencepiece(folder / "tokenizer.json"):
+        logger.warning(
+            "%s has no tokenizer.model: llama.cpp's converter then gives every SentencePiece piece the same score "
+            "and tokenises differently from transformers. Put the original tokenizer.model in it and export again.",
+            source.folder,
+        )
+
+
+def tokenizer_json_is_sentencepiece(path: Path) -> bool:
+    """Whether a tokenizer.json is a SentencePiece model converted to BPE (byte fallback), as Llama 2's are."""
+    model = json.loads(path.read_text(encoding="utf-8"))["model"] if path.is_file() else {}
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
 
 
 def convert_command(llama_cpp: str, lm_folder: Path, outfile: Path, outtype: str) -> list[str]:

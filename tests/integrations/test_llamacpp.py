@@ -10,6 +10,7 @@ asked its question, answers as it does in transformers.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,11 +66,14 @@ def transformers_answer(folder: Path, image: Path, question: str, tokens: int) -
 
 
 def test_fixture_greedy_answer_starts_as_transformers(tmp_path):
-    """clip_dci: llama.cpp's answer begins with transformers' first greedy tokens; where they part is printed."""
+    """clip_dci: llama.cpp's answer begins with transformers' first greedy tokens (7 of 12 measured with llama.cpp
+    0.3.36's source); where they part is printed."""
     fixture = FIXTURES / "clip_dci"
     converted = convert_checkpoint(
         fixture / "original", tmp_path / "converted", vision_tower=fixture / "vision_tower", progress=False
     )
+    # llama.cpp tokenises SentencePiece vocabularies with the piece scores of tokenizer.model (docs/export.md)
+    shutil.copyfile(fixture / "original" / "tokenizer.model", converted / "tokenizer.model")
     folder = export_gguf(converted, tmp_path / "gguf")
     question = json.loads((fixture / "meta.json").read_text())["prompt"].split("<image>\n")[1].split(" ASSISTANT")[0]
     ids, expected = transformers_answer(converted, fixture / "image0.png", question, 12)
@@ -77,7 +81,7 @@ def test_fixture_greedy_answer_starts_as_transformers(tmp_path):
     processor = AutoProcessor.from_pretrained(converted, trust_remote_code=True)
     agreed = next((n for n in range(len(ids), 0, -1) if answer.startswith(processor.decode(ids[:n]).strip())), 0)
     print(f"llama.cpp: {answer!r}; transformers: {expected!r}; the first {agreed} of {len(ids)} tokens agree")
-    assert agreed >= 1
+    assert agreed >= 5
 
 
 def test_bundled_demo_answers_its_question_from_gguf_files(tmp_path):
