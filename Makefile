@@ -114,3 +114,29 @@ $(VENV)/.installed-trl: $(VENV)/.installed
 .PHONY: test-trl
 test-trl: $(VENV)/.installed-trl
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/integrations/test_trl.py
+
+# `make test-llamacpp`: llama.cpp itself runs `dense-connector export --to gguf` files. llama.cpp's source is the one
+# the llama-cpp-python 0.3.36 sdist on PyPI vendors; `llama-mtmd-cli` is built with cmake (about 8 minutes on 2 cores)
+# into a cache outside the clone, so that a warm machine does not rebuild it. gguf (the export extra) is in .venv.
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/dense-connector/llama.cpp-$(LLAMACPP_VERSION)
+LLAMACPP_SRC := $(LLAMACPP_CACHE)/src/vendor/llama.cpp
+LLAMA_MTMD_CLI := $(LLAMACPP_CACHE)/build/bin/llama-mtmd-cli
+
+$(LLAMACPP_SRC)/convert_hf_to_gguf.py:
+	mkdir -p $(LLAMACPP_CACHE)/sdist $(LLAMACPP_CACHE)/src
+	python3 -m pip download --quiet --no-deps --no-binary :all: llama-cpp-python==$(LLAMACPP_VERSION) -d $(LLAMACPP_CACHE)/sdist
+	tar xzf $(LLAMACPP_CACHE)/sdist/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz -C $(LLAMACPP_CACHE)/src --strip-components=1
+	touch $@
+
+$(LLAMA_MTMD_CLI): $(LLAMACPP_SRC)/convert_hf_to_gguf.py
+	command -v ninja >/dev/null || python3 -m pip install --quiet ninja
+	cmake -S $(LLAMACPP_SRC) -B $(LLAMACPP_CACHE)/build -G Ninja -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release
+	nice cmake --build $(LLAMACPP_CACHE)/build --target llama-mtmd-cli
+
+.PHONY: setup-llamacpp test-llamacpp
+setup-llamacpp: $(LLAMA_MTMD_CLI)
+
+test-llamacpp: setup setup-llamacpp
+	OMP_NUM_THREADS=1 LLAMA_CPP_DIR=$(LLAMACPP_SRC) LLAMA_MTMD_CLI=$(LLAMA_MTMD_CLI) \
+		$(PY) -m pytest -q tests/integrations/test_llamacpp.py

@@ -6,6 +6,7 @@
     dense-connector build --vision-tower ID_OR_DIR --language-model ID_OR_DIR --output DIR   (a new, untrained model)
     dense-connector train --config stage1 --model_name_or_path DIR --data_path DATA --output_dir OUT   (training)
     dense-connector check-data --model_name_or_path DIR --data_path DATA   (the records checked, nothing trained)
+    dense-connector export --model DIR --to llava|gguf --output DIR   (a stock LLaVA folder, or llama.cpp GGUF files)
     dense-connector demo ["question"]      (the bundled demo checkpoint and sample image)
     dense-connector eval --model DIR ...   (benchmarks through lmms-eval, or LLaVA question files; see `eval --help`)
     dense-connector web [--model DIR_OR_HUB_ID] [--host H] [--port P]   (the Gradio web demo; `web` extra)
@@ -29,6 +30,7 @@ from transformers.image_utils import load_image as fetch_image
 from dense_connector.building import command as build_command
 from dense_connector.checkpoints import PROG, UsageError, bundled_demo, load_checkpoint, one_line, status
 from dense_connector.evaluation import command as evaluation_command
+from dense_connector.export import command as export_command
 from dense_connector.web import command as web_command
 
 
@@ -157,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Dense Connector vision-language models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{chat,convert,build,train,check-data,demo,eval,web,attention-maps}"
+        dest="command",
+        required=True,
+        metavar="{chat,convert,build,export,train,check-data,demo,eval,web,attention-maps}",
     )
 
     chat_parser = commands.add_parser("chat", help="answer a question about one or more images")
@@ -171,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("convert", help=f"{CONVERT_HELP} (see `convert --help`)", add_help=False)
     build_command.add_arguments(commands.add_parser("build", help=build_command.HELP, description=build_command.HELP))
+    export_command.add_arguments(
+        commands.add_parser("export", help=export_command.HELP, description=export_command.HELP)
+    )
     train_help = "train a checkpoint: a bundled recipe (stage1, stage2) or your own options (see `train --help`)"
     commands.add_parser("train", help=train_help, add_help=False)
     check_help = "check training records, train nothing (see `check-data --help`)"
@@ -213,7 +220,14 @@ def main(argv: list[str] | None = None) -> int:
                 before = argv[: argv.index(command)]  # `train --debug X` is TrainingArguments' own option
                 return training(command, argv[argv.index(command) + 1 :], before == ["--debug"])
         args = build_parser().parse_args(argv)
-        commands = {"chat": chat, "build": build_command.run, "demo": demo, "eval": evaluate, "web": web_command.web}
+        commands = {
+            "chat": chat,
+            "build": build_command.run,
+            "export": export_command.run,
+            "demo": demo,
+            "eval": evaluate,
+            "web": web_command.web,
+        }
         return {**commands, "attention-maps": web_command.attention_maps}[args.command](args)
     except KeyboardInterrupt:
         print(file=sys.stderr)

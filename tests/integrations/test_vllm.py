@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -284,19 +286,15 @@ def finetuned(tmp_path_factory) -> Path:
     return finetune_with_script(base, tmp_path_factory.mktemp("finetuned") / "out")
 
 
-@pytest.fixture(scope="module", params=["clip_dci", "finetuned"])
-def server(request, converted, tmp_path_factory):
-    """(url, transformers reference, image) of vLLM's OpenAI-compatible server on a folder made by the command-line
-    tools, on 127.0.0.1 and a free port, the package blocked in its processes; always stopped."""
-    if request.param == "clip_dci":
-        folder, image = converted["clip_dci"], fixture_images("clip_dci")[0]
-    else:
-        folder, image = request.getfixturevalue("finetuned"), make_examples(1, seed=11)[0].image
+@contextmanager
+def running_server(folder: Path, tmp_path_factory, options: list[str]) -> Iterator[str]:
+    """The URL of vLLM's OpenAI-compatible server on `folder` (with `options`), on 127.0.0.1 and a free port, the
+    package blocked in its processes; always stopped."""
     blocked = tmp_path_factory.mktemp("blocked")
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
     command += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", "dense-connector", "--seed", "0"]
-    command += ["--trust-remote-code", "--dtype", "float32", "--enforce-eager", "--skip-mm-profiling"]
+    command += [*options, "--dtype", "float32", "--enforce-eager", "--skip-mm-profiling"]
     command += ["--kv-cache-memory-bytes", str(256 * 2**20), "--distributed-executor-backend", "uni"]
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **package_blocker(blocked)}
@@ -315,7 +313,7 @@ def server(request, converted, tmp_path_factory):
                     pytest.fail(f"the vLLM server did not start:\n{log.read()[-5000:]}")
                 time.sleep(1)
         assert str(process.pid) in (blocked / "blocked.log").read_text().split()  # the server ran blocked
-        yield f"http://127.0.0.1:{port}", Reference(folder), image
+        yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
         try:
@@ -324,6 +322,18 @@ def server(request, converted, tmp_path_factory):
             process.kill()
             process.wait()
         log.close()
+
+
+@pytest.fixture(scope="module", params=["clip_dci", "finetuned"])
+def server(request, converted, tmp_path_factory):
+    """(url, transformers reference, image) of vLLM's OpenAI-compatible server on a folder made by the command-line
+    tools (remote code)."""
+    if request.param == "clip_dci":
+        folder, image = converted["clip_dci"], fixture_images("clip_dci")[0]
+    else:
+        folder, image = request.getfixturevalue("finetuned"), make_examples(1, seed=11)[0].image
+    with running_server(folder, tmp_path_factory, ["--trust-remote-code"]) as url:
+        yield url, Reference(folder), image
 
 
 QUESTION = "Describe the picture in detail."
@@ -370,3 +380,21 @@ def test_openai_server_ids_are_transformers(server):
     assert response["prompt_token_ids"] == prompt_ids  # BOS included
     assert response["choices"][0]["token_ids"] == answer_ids
     assert response["choices"][0]["message"]["content"] == answer_text
+
+
+def test_exported_stock_llava_is_served_without_remote_code_with_our_ids(converted, tmp_path_factory):
+    """`dense-connector export --to llava` of the converted clip_dci, served without --trust-remote-code by vLLM's
+    Transformers backend (its own Llava sizes the projector for one hidden state), gives the converted checkpoint's
+    prompt ids and greedy ids."""
+    stock = tmp_path_factory.mktemp("stock") / "llava"
+    command = [Path(sys.executable).parent / "dense-connector", "export", "--model", converted["clip_dci"]]
+    command += ["--to", "llava", "--output", stock, "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert not list(stock.glob("*.py")) and "auto_map" not in (stock / "config.json").read_text()
+    image = fixture_images("clip_dci")[0]
+    with running_server(stock, tmp_path_factory, ["--model-impl", "transformers"]) as url:
+        response = server_chat(url, image, {"ignore_eos": True, "return_token_ids": True})
+    prompt_ids, answer_ids, _ = expected_chat(Reference(converted["clip_dci"]), image, stop=False)
+    assert response["prompt_token_ids"] == prompt_ids
+    assert response["choices"][0]["token_ids"] == answer_ids
