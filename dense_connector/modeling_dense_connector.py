@@ -364,8 +364,10 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         mm_encoder_outputs = dict(mm_encoder_outputs or {})
-        if self.training:
-            kwargs.setdefault("use_cache", False)  # as the original; a cache also breaks activation recomputation
+        if self.training or (attention_mask is None and position_ids is not None and past_key_values is None):
+            # as the original; a cache also breaks activation recomputation, and it would turn off transformers'
+            # packed-sequence mask that position ids without an attention mask (padding-free rows) ask for
+            kwargs.setdefault("use_cache", False)
             if pixel_values is None and pixel_values_videos is None and not mm_encoder_outputs:
                 inputs_embeds = inputs_embeds + self._zero_image_term().to(inputs_embeds.dtype)
         if pixel_values is not None:

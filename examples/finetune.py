@@ -142,7 +142,10 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     if training_args.ddp_find_unused_parameters is None:
         training_args.ddp_find_unused_parameters = not model_args.freeze_vision_tower
     collator = DenseConnectorDataCollator(
-        processor, image_folder=data_args.image_folder, max_length=data_args.model_max_length
+        processor,
+        image_folder=data_args.image_folder,
+        max_length=data_args.model_max_length,
+        padding_free=getattr(training_args, "padding_free", False),
     )
     eval_dataset = load_instruction_data(data_args.eval_data_path) if data_args.eval_data_path else None
     return DenseConnectorTrainer(

@@ -2,7 +2,8 @@
 
 It renders each record with the processor's chat template, expands the image placeholders through the processor,
 and masks with `IGNORE_INDEX` every label that is not part of an assistant reply (the original's `plain` format:
-everything after the image), padding each batch to its longest record.
+everything after the image), padding each batch to its longest record, or (`padding_free=True`) putting the batch's
+records one after the other in a single row.
 """
 
 import logging
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from transformers import BatchFeature
+from transformers import BatchFeature, DataCollatorWithFlattening
 
 from ..chat_templates import CHAT_TEMPLATES
 from .data import record_name, record_to_messages
@@ -112,6 +113,13 @@ class DenseConnectorDataCollator:
     With the `plain` template (stage 1) every record must be one image, one user turn and one caption. A record with
     no assistant turn, or whose image is missing, raises an error naming it.
 
+    `padding_free=True` (TRL's name) puts the batch's records one after the other in one row of shape `(1, total
+    tokens)` with no padding (transformers' `DataCollatorWithFlattening`): `position_ids` restart at 0 at every
+    record, which is what keeps records from attending to each other (transformers' packed-sequence masks for SDPA,
+    eager and flex attention, and flash-attention's variable-length kernels, all read them when no `attention_mask`
+    is passed), and the label of each record's first token is `IGNORE_INDEX`, so no record learns to predict the
+    next one's start. Loss and gradients are those of the padded batch of the same records.
+
     Use it with `TrainingArguments(remove_unused_columns=False)`, since it needs the raw record fields.
     """
 
@@ -119,10 +127,13 @@ class DenseConnectorDataCollator:
     image_folder: str | Path | None = None
     max_length: int | None = None
     pad_to_multiple_of: int | None = None
+    padding_free: bool = False
 
     def __post_init__(self):
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # init_kwargs: what is saved
+        if self.padding_free and self.pad_to_multiple_of:
+            raise ValueError("padding_free=True adds no padding; leave pad_to_multiple_of out.")
 
     @property
     def plain(self) -> bool:
@@ -193,23 +204,31 @@ class DenseConnectorDataCollator:
                 f"All {len(records)} records of the batch were dropped (see the warnings): none fits in "
                 f"max_length={self.max_length} with an assistant reply to learn from."
             )
+        if self.padding_free:
+            flat = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX, return_tensors="pt")
+            batch = flat([{"input_ids": ids, "labels": labels} for ids, labels, _ in encoded])
+        else:
+            batch = self.pad(encoded)
+        pixels = [record_pixels for _, _, record_pixels in encoded if record_pixels]
+        if pixels:
+            batch["pixel_values"] = concat_padded([p["pixel_values"] for p in pixels])
+            if "image_sizes" in pixels[0]:
+                batch["image_sizes"] = torch.cat([p["image_sizes"] for p in pixels])
+        return BatchFeature(dict(batch))
+
+    def pad(self, encoded: list[tuple[list[int], list[int], dict]]) -> dict[str, torch.Tensor]:
+        """Ids, attention mask and labels of the records, padded on the right to the longest."""
         length = max(len(ids) for ids, _, _ in encoded)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         pad_id = self.processor.tokenizer.pad_token_id
         if pad_id is None:
             raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token` (e.g. to the unk token).")
-        batch = {
+        return {
             "input_ids": torch.tensor([ids + [pad_id] * (length - len(ids)) for ids, _, _ in encoded]),
             "attention_mask": torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids, _, _ in encoded]),
             "labels": torch.tensor([labels + [IGNORE_INDEX] * (length - len(labels)) for _, labels, _ in encoded]),
         }
-        pixels = [record_pixels for _, _, record_pixels in encoded if record_pixels]
-        if pixels:
-            batch["pixel_values"] = concat_padded([p["pixel_values"] for p in pixels])
-            if "image_sizes" in pixels[0]:
-                batch["image_sizes"] = torch.cat([p["image_sizes"] for p in pixels])
-        return BatchFeature(batch)
 
 
 def concat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -50,6 +50,11 @@ class DenseConnectorTrainingArguments(TrainingArguments):
     mm_projector_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the projector (default: --learning_rate)."}
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Each batch's records in one row without padding, position ids restarting at every record "
+                  "(no attention across records); the same loss as padded batches with less compute."},
+    )  # fmt: skip
     save_projector_only: bool = field(
         default=False,
         metadata={"help": "With --tune projector: save projector.safetensors only (the original's mm_projector.bin), "
