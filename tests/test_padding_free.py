@@ -42,7 +42,8 @@ def assert_same_training_signal(model, padded, flat) -> None:
     torch.testing.assert_close(flat_loss, loss, atol=1e-5, rtol=1e-5)
     assert grads.keys() == flat_grads.keys() and grads
     for name, grad in grads.items():
-        torch.testing.assert_close(flat_grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+        message = f"{name}: {{}}"
+        torch.testing.assert_close(flat_grads[name], grad, atol=1e-5, rtol=1e-4, msg=message.format)
 
 
 def collators(processor) -> tuple[DenseConnectorDataCollator, DenseConnectorDataCollator]:
