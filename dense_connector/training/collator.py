@@ -204,6 +204,10 @@ class DenseConnectorDataCollator:
                 f"All {len(records)} records of the batch were dropped (see the warnings): none fits in "
                 f"max_length={self.max_length} with an assistant reply to learn from."
             )
+        return self.collate(encoded)
+
+    def collate(self, encoded: list[tuple[list[int], list[int], dict[str, torch.Tensor]]]) -> BatchFeature:
+        """One batch of encoded records (`encode`'s results): padded, or in one row with `padding_free`."""
         if self.padding_free:
             flat = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX, return_tensors="pt")
             batch = flat([{"input_ids": ids, "labels": labels} for ids, labels, _ in encoded])
