@@ -10,6 +10,7 @@ temporaries), "total" adds the weights and the AdamW state that live through tra
 
     .venv/bin/python bench/bench_training.py                # CPU: 24-layer CLIP at 112 px, one 7B-wide layer
     .venv/bin/python bench/bench_training.py --tiny         # smoke test, seconds
+    python bench/bench_training.py --device cuda --dtype bfloat16 --image-size 336 --lm-layers 32 --batch 2 --reps 5
 
 `--mix` runs instead an epoch of stage 2 (projector + LM) over a synthetic instruction mix (`instruction_mix.py`:
 the documented length distribution, 576 placeholders per image) in batches of `--batch` records in the original's
@@ -18,8 +19,8 @@ same weights: records/s of each, their ratio, the epoch's mean loss and the peak
 step. The model is narrow so that an epoch fits a CPU (`--mix-width`, `--lm-layers`; a 3-layer CLIP 96 px tower):
 
     .venv/bin/python bench/bench_training.py --mix          # CPU: 96 records, batch 8, a 512-wide 1-layer Llama
-    python bench/bench_training.py --mix --device cuda --dtype bfloat16 --mix-width 4096 --lm-layers 32 --attn flash_attention_2
-    python bench/bench_training.py --device cuda --dtype bfloat16 --image-size 336 --lm-layers 32 --batch 2 --reps 5
+    python bench/bench_training.py --mix --device cuda --dtype bfloat16 --mix-width 4096 --lm-layers 32 \
+        --attn flash_attention_2                              # GPU: a 7B-wide model, flash-attention's varlen kernels
 """
 
 import argparse
@@ -169,7 +170,7 @@ def run_mix(args) -> dict[str, float]:
             losses.append(loss.item())
         seconds = now() - began
         largest = max(mode_batches, key=lambda batch: batch["input_ids"].numel())
-        peak = peak_bytes(lambda: model(**largest).loss.backward(), args.device)
+        peak = peak_bytes(lambda largest=largest: model(**largest).loss.backward(), args.device)
         model.zero_grad(set_to_none=True)
         tokens = sum(batch["input_ids"].numel() for batch in mode_batches)
         results[name] = {"seconds": seconds, "loss": sum(losses) / len(losses), "peak": peak, "tokens": tokens}
