@@ -8,6 +8,8 @@ records one after the other in a single row.
 
 import logging
 import re
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,6 +198,41 @@ class DenseConnectorDataCollator:
             return None
         pixels = {key: encoded[key] for key in ("pixel_values", "image_sizes") if key in encoded}
         return input_ids, labels, pixels
+
+    def token_lengths(self, records: Sequence[dict]) -> list[int]:
+        """Each record's tokens after image expansion, as `encode` counts them (at most `max_length`), positive for
+        records with images and negative for text-only ones (the sign the modality-grouped sampler reads).
+
+        The text is rendered and tokenised as `encode` does it; the images are not loaded: an image's placeholders
+        come from the processor's tower input size, and with AnyRes from the image's size (a PIL image's, or the
+        file header's). A record `encode` would refuse counts its text alone here; `encode` names it later.
+        """
+        began = time.perf_counter()
+        processor, tokenizer = self.processor, self.processor.tokenizer
+        adds_bos = tokenizer.bos_token_id is not None and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
+        anyres = getattr(processor.image_processor, "image_grid_pinpoints", None) is not None
+        lengths = []
+        for record in records:
+            messages, image_refs = record_to_messages(record, processor.image_token)
+            text = processor.apply_chat_template(messages, tokenize=False)
+            sizes = [self.image_size(ref) if anyres else (1, 1) for ref in image_refs]
+            counts = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens if sizes else []
+            replacements = [("image", processor.image_token_id, count) for count in counts]
+            length = len(processor._tokenize(text, adds_bos, replacements)[0])
+            length = min(length, self.max_length or length)
+            lengths.append(length if image_refs else -length)
+        logger.info(f"Token lengths of {len(lengths)} records in {time.perf_counter() - began:.1f} s.")
+        return lengths
+
+    def image_size(self, image: str | Path | Image.Image) -> tuple[int, int]:
+        """`(height, width)` of an image, from its file's header (no pixels decoded)."""
+        if isinstance(image, Image.Image):
+            return image.height, image.width
+        try:
+            with Image.open(Path(self.image_folder or "") / image) as opened:
+                return opened.height, opened.width
+        except OSError:  # a missing or broken image: `encode` refuses the record, naming it
+            return 1, 1
 
     def __call__(self, records: list[dict]) -> BatchFeature:
         encoded = [item for item in map(self.encode, records) if item is not None]

@@ -4,7 +4,8 @@ and a stage-1 output of the projector alone.
 `DenseConnectorTrainer` is the Hugging Face `Trainer` with three of the original `LLaVATrainer`'s behaviours:
 `group_by_modality_length` draws every optimizer step's records from image records only or text-only records only
 (the original's sampler for the 665K mix, so no step pays the tower for a batch of text), `group_by_length` groups
-raw instruction records by length (the stock `Trainer` can only measure datasets of token ids), and `mm_projector_lr`
+raw instruction records by length (the stock `Trainer` can only measure datasets of token ids; both samplers read
+the collator's exact token lengths, the original's word counts with another collator), and `mm_projector_lr`
 gives the projector its own learning rate. `save_projector_only` makes stage 1 write `projector.safetensors` (the
 original's `mm_projector.bin`) instead of a copy of the frozen tower and language model; `load_pretrained_projector`
 puts it, or the original's file, into a model built from the same parts for stage 2.
@@ -22,6 +23,7 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
+from .collator import DenseConnectorDataCollator
 from .data import record_to_messages
 
 
@@ -129,11 +131,21 @@ class DenseConnectorTrainer(Trainer):
         args = self.args
         if getattr(args, "group_by_modality_length", False):
             step_size = args.train_batch_size * args.world_size * args.gradient_accumulation_steps
-            return ModalityLengthGroupedSampler(modality_lengths(dataset), step_size)
+            return ModalityLengthGroupedSampler(self.record_lengths(dataset, signed=True), step_size)
         if args.train_sampling_strategy == "group_by_length" and not hasattr(dataset, "column_names"):
             batch = args.train_batch_size * args.gradient_accumulation_steps
-            return LengthGroupedSampler(batch, lengths=record_lengths(dataset))
+            return LengthGroupedSampler(batch, lengths=self.record_lengths(dataset, signed=False))
         return super()._get_train_sampler(train_dataset)
+
+    def record_lengths(self, records: Sequence[dict], signed: bool) -> list[int]:
+        """Exact token lengths (`DenseConnectorDataCollator.token_lengths`, computed once per dataset) with this
+        package's collator, else the original's word counts; `signed`: negative for text-only records."""
+        if not isinstance(self.data_collator, DenseConnectorDataCollator):
+            return modality_lengths(records) if signed else record_lengths(records)
+        cache = self.__dict__.setdefault("_token_lengths", {})
+        if id(records) not in cache:
+            cache[id(records)] = self.data_collator.token_lengths(records)
+        return cache[id(records)] if signed else [abs(length) for length in cache[id(records)]]
 
     def create_optimizer(self, model=None):
         """The stock optimizer, with the projector's parameters moved into groups of their own at `mm_projector_lr`."""
