@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from test_training import CONFIG, finetune_args, load_finetune_script, save_tiny_checkpoint, write_dataset
-from PIL import Image
 from tiny import anyres_processor, tiny_config, tiny_model, tiny_processor
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -71,9 +71,10 @@ def test_token_lengths_are_the_encoded_lengths_without_loading_images(anyres, tm
     if anyres:
         collator = anyres_collator(tmp_path)
     else:
-        collator = DenseConnectorDataCollator(tiny_processor(CONFIG, CHAT_TEMPLATES["vicuna_v1"]), image_folder=tmp_path)
+        processor = tiny_processor(CONFIG, CHAT_TEMPLATES["vicuna_v1"])
+        collator = DenseConnectorDataCollator(processor, image_folder=tmp_path)
     turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a box"},
-             {"from": "human", "value": "And where?"}, {"from": "gpt", "value": "top left, near the edge"}]  # fmt: skip
+             {"from": "human", "value": "And where?"}, {"from": "gpt", "value": "top left, by the edge"}]  # fmt: skip
     records = [{"image": f"{index}.png", "conversations": turns[: 2 + 2 * (index % 2)]} for index in range(3)]
     records += [text_record(7), {"images": [Image.new("RGB", (50, 32))], "messages": [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
