@@ -25,6 +25,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 
 from .collator import DenseConnectorDataCollator
 from .data import record_to_messages
+from .losses import use_memory_efficient_loss
 
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,11 @@ class DenseConnectorTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Each batch's records in one row without padding, position ids restarting at every record "
                   "(no attention across records); the same loss as padded batches with less compute."},
+    )  # fmt: skip
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Compute the training loss this many trained tokens at a time, never holding the full "
+                  "logits (the default of --use_liger_kernel where Liger's GPU kernels do not run: 1024)."},
     )  # fmt: skip
     save_projector_only: bool = field(
         default=False,
@@ -124,7 +130,17 @@ class ModalityLengthGroupedSampler(Sampler):
 
 
 class DenseConnectorTrainer(Trainer):
-    """`Trainer` with the samplers, projector learning rate and projector-only saving of the original's."""
+    """`Trainer` with the samplers, projector learning rate and projector-only saving of the original's, and a loss
+    that never holds the full logits with `--use_liger_kernel` or `--loss_chunk_size`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        liger = self.args.use_liger_kernel
+        if liger or getattr(self.args, "loss_chunk_size", None):
+            logger.warning(use_memory_efficient_loss(self.model, liger, getattr(self.args, "loss_chunk_size", None)))
+            # done here for the language model: the stock Trainer would patch by the model's own model_type, which
+            # Liger does not know, and fail where liger-kernel is not installed
+            self.args.use_liger_kernel = False
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
