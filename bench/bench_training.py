@@ -14,16 +14,19 @@ temporaries), "total" adds the weights and the AdamW state that live through tra
 
 `--mix` runs instead an epoch of stage 2 (projector + LM) over a synthetic instruction mix (`instruction_mix.py`:
 the documented length distribution, 576 placeholders per image) in batches of `--batch` records in the original's
-modality-grouped order, once padded as the original pads (the collator's default) and once padding-free, from the
-same weights: records/s of each, their ratio, the epoch's mean loss and the peak memory of each mode's largest
-step. The model is narrow so that an epoch fits a CPU (`--mix-width`, `--lm-layers`; a 3-layer CLIP 96 px tower):
+modality-grouped order, padded as the original pads (the collator's default), padding-free, and padding-free with
+the chunked cross-entropy (`--use_liger_kernel` on a CPU), each from the same weights: records/s, the ratios to
+padded, the epoch's mean loss and the peak memory of each mode's largest step (`--peak-only`: that alone; `--vocab
+128256` for Llama-3's vocabulary). The model is narrow so that an epoch fits a CPU (`--mix-width`, `--lm-layers`;
+a 2-layer CLIP at 96 px), so its head and loss take a larger share of the work than in a 7B model:
 
-    .venv/bin/python bench/bench_training.py --mix          # CPU: 96 records, batch 8, a 512-wide 1-layer Llama
+    .venv/bin/python bench/bench_training.py --mix          # CPU: 96 records, batch 8, a 256-wide 1-layer Llama
     python bench/bench_training.py --mix --device cuda --dtype bfloat16 --mix-width 4096 --lm-layers 32 \
         --attn flash_attention_2                              # GPU: a 7B-wide model, flash-attention's varlen kernels
 """
 
 import argparse
+from functools import partial
 from types import SimpleNamespace
 
 import instruction_mix
@@ -42,7 +45,12 @@ from common import (
 
 from dense_connector import DenseConnectorConfig, DenseConnectorForConditionalGeneration
 from dense_connector.measurement import clock, interleaved_times, mib, peak_bytes
-from dense_connector.training import IGNORE_INDEX, DenseConnectorDataCollator, prepare_for_training
+from dense_connector.training import (
+    IGNORE_INDEX,
+    DenseConnectorDataCollator,
+    chunked_cross_entropy,
+    prepare_for_training,
+)
 from dense_connector.training.trainer import modality_grouped_indices
 
 
@@ -116,14 +124,14 @@ def run(args) -> dict[str, dict[str, float]]:
 
 
 def mix_model(args) -> DenseConnectorForConditionalGeneration:
-    """DCI over a 3-layer 64-wide CLIP at 96 px (patch 4: 576 tokens, as CLIP-L/336), a `--mix-width` Llama."""
+    """DCI over a 64-wide CLIP at 96 px (2 layers run) (patch 4: 576 tokens, as CLIP-L/336), a `--mix-width` Llama."""
     width = args.mix_width
     config = DenseConnectorConfig(
         vision_config={"model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 128,
                        "num_hidden_layers": 3, "num_attention_heads": 4, "image_size": 96, "patch_size": 4},
         text_config={"model_type": "llama", "hidden_size": width, "intermediate_size": width * 11008 // 4096,
-                     "num_attention_heads": width // 128, "num_hidden_layers": args.lm_layers, "vocab_size": 32000,
-                     "max_position_embeddings": 4096},
+                     "num_attention_heads": width // 128, "num_hidden_layers": args.lm_layers,
+                     "vocab_size": args.vocab, "max_position_embeddings": 4096},
         image_token_id=IMAGE_TOKEN_ID,
         dense_connector_type="dci",
     )  # fmt: skip
@@ -135,7 +143,7 @@ def mix_model(args) -> DenseConnectorForConditionalGeneration:
     return prepare_for_training(model, "projector+lm").train()
 
 
-def run_mix(args) -> dict[str, float]:
+def run_mix(args) -> dict[str, dict[str, float]]:
     model = mix_model(args)
     encoded = instruction_mix.records(args.records, model.config)
     lengths = [len(ids) * (1 if pixels else -1) for ids, _, pixels in encoded]
@@ -143,43 +151,51 @@ def run_mix(args) -> dict[str, float]:
     steps = [[encoded[i] for i in order[start : start + args.batch]] for start in range(0, len(order), args.batch)]
     # the collator's batching alone: a tokenizer stand-in with the pad id (the records are tokenised already)
     processor = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0, init_kwargs={}))
-    modes = {"padded": DenseConnectorDataCollator(processor),
-             "padding-free": DenseConnectorDataCollator(processor, padding_free=True)}  # fmt: skip
-    batches = {name: [move(collator.collate(step), args) for step in steps] for name, collator in modes.items()}
+    padded, flat = DenseConnectorDataCollator(processor), DenseConnectorDataCollator(processor, padding_free=True)
+    chunked = partial(chunked_cross_entropy, chunk_size=1024)
+    modes = {"padded": ("padded", None), "padding-free": ("flat", None), "+ chunked loss": ("flat", chunked)}
+    batches = {name: [move(collator.collate(step), args) for step in steps]
+               for name, collator in {"padded": padded, "flat": flat}.items()}  # fmt: skip
     real = sum(len(ids) for ids, _, _ in encoded)
     print(f"# an epoch of {len(encoded)} records ({real:,} tokens) in {len(steps)} modality-grouped batches of "
           f"{args.batch}: {describe_machine(args)}, {args.attn}")  # fmt: skip
-    print(f"# {describe_language_model(model.config.text_config)}, vocabulary 32,000, DCI over a "
+    print(f"# {describe_language_model(model.config.text_config)}, vocabulary {args.vocab:,}, DCI over a "
           f"{describe_tower(model.config.vision_config)}, 576 placeholders per image")  # fmt: skip
-    print(f"{'mode':<14}{'tokens':>10}{'epoch s':>10}{'records/s':>11}{'mean loss':>11}{'peak step':>14}")
+    print(f"{'mode':<16}{'tokens':>10}{'epoch s':>10}{'records/s':>11}{'mean loss':>11}{'peak step':>14}")
     start_state = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     now = clock(args.device, args.threads)
     results = {}
-    for name, mode_batches in batches.items():
+    for name, (batching, loss) in modes.items():
+        model.hidden_states_loss = loss
+        mode_batches = batches[batching]
         with torch.no_grad():
             for param_name, param in model.named_parameters():
                 if param.requires_grad:
                     param.copy_(start_state[param_name])
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         losses, began = [], now()
-        for batch in mode_batches:
+        for batch in [] if args.peak_only else mode_batches:
             loss = model(**batch).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
-        seconds = now() - began
+        seconds = max(now() - began, 1e-9)
         largest = max(mode_batches, key=lambda batch: batch["input_ids"].numel())
         peak = peak_bytes(lambda largest=largest: model(**largest).loss.backward(), args.device)
         model.zero_grad(set_to_none=True)
         tokens = sum(batch["input_ids"].numel() for batch in mode_batches)
-        results[name] = {"seconds": seconds, "loss": sum(losses) / len(losses), "peak": peak, "tokens": tokens}
-        print(f"{name:<14}{tokens:>10,}{seconds:>10.1f}{len(encoded) / seconds:>11.2f}{results[name]['loss']:>11.4f}"
-              f"{mib(peak):>14}")  # fmt: skip
-    padded, flat = results["padded"], results["padding-free"]
-    print(f"padded tokens / real tokens: {padded['tokens'] / real:.2f}; padding-free / padded: records/s "
-          f"{padded['seconds'] / flat['seconds']:.2f}x, peak step memory {flat['peak'] / padded['peak']:.2f}x, "
-          f"mean loss difference {abs(flat['loss'] - padded['loss']):.1e}")  # fmt: skip
+        mean = sum(losses) / max(len(losses), 1)
+        results[name] = {"seconds": seconds, "loss": mean, "peak": peak, "tokens": tokens}
+        timed = "" if args.peak_only else f"{seconds:>10.1f}{len(encoded) / seconds:>11.2f}{mean:>11.4f}"
+        print(f"{name:<16}{tokens:>10,}{timed or ' ' * 32}{mib(peak):>14}")
+    base = results["padded"]
+    print(f"# padded tokens / real tokens: {base['tokens'] / real:.2f}")
+    for name in list(modes)[1:]:
+        speed = f"records/s {base['seconds'] / results[name]['seconds']:.2f}x, "
+        difference = f", mean loss difference {abs(results[name]['loss'] - base['loss']):.1e}"
+        print(f"# {name} / padded: {'' if args.peak_only else speed}peak step memory "
+              f"{results[name]['peak'] / base['peak']:.2f}x{'' if args.peak_only else difference}")  # fmt: skip
     return results
 
 
@@ -194,8 +210,10 @@ def main():
     parser.add_argument("--batch", type=int, default=None, help="records per step (default 1; --mix: 8)")
     parser.add_argument("--mix", action="store_true", help="an epoch over the instruction mix, padded vs padding-free")
     parser.add_argument("--records", type=int, default=96, help="--mix: records in the epoch")
-    parser.add_argument("--mix-width", type=int, default=512, help="--mix: the Llama's width (7B: 4096)")
+    parser.add_argument("--mix-width", type=int, default=256, help="--mix: the Llama's width (7B: 4096)")
     parser.add_argument("--attn", default="sdpa", help="--mix: attention (sdpa, eager, flash_attention_2)")
+    parser.add_argument("--vocab", type=int, default=32000, help="--mix: vocabulary size (Llama-3: 128256)")
+    parser.add_argument("--peak-only", action="store_true", help="--mix: only the peak memory of the largest steps")
     args = parser.parse_args()
     setup(args)
     if args.mix:
