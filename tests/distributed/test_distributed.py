@@ -4,6 +4,8 @@ with `accelerate launch` and the configs of `examples/accelerate/`, on data wher
 Each run's logged losses must equal a one-process run with the same global batch, and every full-model folder it saves
 (final and `checkpoint-2`) must load as remote code, with the package blocked, holding the one-process run's weights.
 FSDP and DeepSpeed go through `cpu_launch.py` (test-only; accelerate enables them only on GPU process groups).
+Padding-free runs (DDP, FSDP2, ZeRO-3) must log the losses of the padded one-process run, and two `accelerate launch`es
+as two machines of one process each (on loopback) those of one process, saving one folder.
 Run with `make test-distributed`.
 """
 
@@ -154,12 +156,21 @@ def test_two_processes_train_like_one(config, tune, checkpointing, data, tmp_pat
     run_without_package(COMPARE_WEIGHTS.format(pairs=pairs), tmp_path)
 
 
-def test_padding_free_two_processes_train_like_one_padded(data, tmp_path, tmp_path_factory):
-    """DDP with `--padding_free` and activation checkpointing: the losses of one process with padded batches."""
+PADDING_FREE_RUNS = [("ddp", "trainer"), ("fsdp", "fsdp"), ("deepspeed_zero3", None)]
+
+
+@pytest.mark.parametrize(("config", "checkpointing"), PADDING_FREE_RUNS, ids=[c for c, _ in PADDING_FREE_RUNS])
+def test_padding_free_two_processes_train_like_one_padded(config, checkpointing, data, tmp_path, tmp_path_factory):
+    """`--padding_free` under DDP, FSDP2 and ZeRO-3: the losses of one process with padded batches."""
     output = tmp_path / "out"
-    launch = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "examples" / "accelerate" / "ddp.yaml")]
+    launch = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "examples" / "accelerate" / f"{config}.yaml")]
     launch += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29517"]
-    run([*launch, *finetune_args(data, output, "projector+lm", 4), "--padding_free", "--activation_checkpointing"])
+    if checkpointing == "fsdp":
+        launch += ["--fsdp_activation_checkpointing", "true"]
+    args = [*finetune_args(data, output, "projector+lm", 4), "--padding_free"]
+    if checkpointing == "trainer":
+        args.append("--activation_checkpointing")
+    run([*launch, str(Path(__file__).with_name("cpu_launch.py")), *args])
     assert losses(output) == pytest.approx(losses(reference(data, tmp_path_factory, "projector+lm")), rel=1e-3)
 
 
