@@ -14,9 +14,10 @@ temporaries), "total" adds the weights and the AdamW state that live through tra
 
 `--mix` runs instead an epoch of stage 2 (projector + LM) over a synthetic instruction mix (`instruction_mix.py`:
 the documented length distribution, 576 placeholders per image) in batches of `--batch` records in the original's
-modality-grouped order, padded as the original pads (the collator's default), padding-free, and padding-free with
-the chunked cross-entropy (`--use_liger_kernel` on a CPU), each from the same weights: records/s, the ratios to
-padded, the epoch's mean loss and the peak memory of each mode's largest step (`--peak-only`: that alone; `--vocab
+modality-grouped order (`original_order`), padded as the original pads (the collator's default), then padded in this
+package's length-grouped order (exact lengths), padding-free and padding-free with the chunked cross-entropy
+(`--use_liger_kernel` on a CPU) in the original's order, each from the same weights: records/s, the ratios to the
+first, the epoch's mean loss and the peak memory of each mode's largest step (`--peak-only`: that alone; `--vocab
 128256` for Llama-3's vocabulary). The model is narrow so that an epoch fits a CPU (`--mix-width`, `--lm-layers`;
 a 2-layer CLIP at 96 px), so its head and loss take a larger share of the work than in a 7B model:
 
@@ -143,31 +144,52 @@ def mix_model(args) -> DenseConnectorForConditionalGeneration:
     return prepare_for_training(model, "projector+lm").train()
 
 
+def original_order(lengths: list[int], step_size: int, generator) -> list[int]:
+    """The order of the original LLaVA trainer's `group_by_modality_length` on one process: each modality shuffled
+    and cut into steps (its "length grouping" sorts only inside a step, to balance ranks), the steps shuffled, what
+    is left of both modalities last. This package's sampler sorts by length over 50 steps at a time instead."""
+    runs, rest = [], []
+    for sign in (1, -1):
+        indices = [index for index, length in enumerate(lengths) if length * sign > 0]
+        shuffled = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+        full = len(shuffled) - len(shuffled) % step_size
+        runs += [shuffled[start : start + step_size] for start in range(0, full, step_size)]
+        rest += shuffled[full:]
+    shuffled_runs = [runs[j] for j in torch.randperm(len(runs), generator=generator).tolist()]
+    return [index for run in shuffled_runs for index in run] + rest
+
+
 def run_mix(args) -> dict[str, dict[str, float]]:
     model = mix_model(args)
     encoded = instruction_mix.records(args.records, model.config)
     lengths = [len(ids) * (1 if pixels else -1) for ids, _, pixels in encoded]
-    order = modality_grouped_indices(lengths, args.batch, torch.Generator().manual_seed(0))
-    steps = [[encoded[i] for i in order[start : start + args.batch]] for start in range(0, len(order), args.batch)]
+    orders = {"original": original_order(lengths, args.batch, torch.Generator().manual_seed(0)),
+              "grouped": modality_grouped_indices(lengths, args.batch, torch.Generator().manual_seed(0))}  # fmt: skip
     # the collator's batching alone: a tokenizer stand-in with the pad id (the records are tokenised already)
     processor = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0, init_kwargs={}))
     padded, flat = DenseConnectorDataCollator(processor), DenseConnectorDataCollator(processor, padding_free=True)
     chunked = partial(chunked_cross_entropy, chunk_size=1024)
-    modes = {"padded": ("padded", None), "padding-free": ("flat", None), "+ chunked loss": ("flat", chunked)}
-    batches = {name: [move(collator.collate(step), args) for step in steps]
-               for name, collator in {"padded": padded, "flat": flat}.items()}  # fmt: skip
+    modes = {"padded (original's order)": (padded, "original", None),
+             "padded, length-grouped": (padded, "grouped", None),
+             "padding-free": (flat, "original", None),
+             "+ chunked loss": (flat, "original", chunked)}  # fmt: skip
+    batches = {}
+    for name, (collator, order, _) in modes.items():
+        steps = [[encoded[i] for i in orders[order][start : start + args.batch]]
+                 for start in range(0, len(encoded), args.batch)]  # fmt: skip
+        batches[name] = [move(collator.collate(step), args) for step in steps]
     real = sum(len(ids) for ids, _, _ in encoded)
-    print(f"# an epoch of {len(encoded)} records ({real:,} tokens) in {len(steps)} modality-grouped batches of "
+    print(f"# an epoch of {len(encoded)} records ({real:,} tokens) in modality-grouped batches of "
           f"{args.batch}: {describe_machine(args)}, {args.attn}")  # fmt: skip
     print(f"# {describe_language_model(model.config.text_config)}, vocabulary {args.vocab:,}, DCI over a "
           f"{describe_tower(model.config.vision_config)}, 576 placeholders per image")  # fmt: skip
-    print(f"{'mode':<16}{'tokens':>10}{'epoch s':>10}{'records/s':>11}{'mean loss':>11}{'peak step':>14}")
+    print(f"{'mode':<27}{'tokens':>10}{'epoch s':>10}{'records/s':>11}{'mean loss':>11}{'peak step':>14}")
     start_state = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     now = clock(args.device, args.threads)
     results = {}
-    for name, (batching, loss) in modes.items():
+    for name, (_, _, loss) in modes.items():
         model.hidden_states_loss = loss
-        mode_batches = batches[batching]
+        mode_batches = batches[name]
         with torch.no_grad():
             for param_name, param in model.named_parameters():
                 if param.requires_grad:
@@ -188,13 +210,15 @@ def run_mix(args) -> dict[str, dict[str, float]]:
         mean = sum(losses) / max(len(losses), 1)
         results[name] = {"seconds": seconds, "loss": mean, "peak": peak, "tokens": tokens}
         timed = "" if args.peak_only else f"{seconds:>10.1f}{len(encoded) / seconds:>11.2f}{mean:>11.4f}"
-        print(f"{name:<16}{tokens:>10,}{timed or ' ' * 32}{mib(peak):>14}")
-    base = results["padded"]
-    print(f"# padded tokens / real tokens: {base['tokens'] / real:.2f}")
+        print(f"{name:<27}{tokens:>10,}{timed or ' ' * 32}{mib(peak):>14}")
+    base = results["padded (original's order)"]
+    grouped = results["padded, length-grouped"]
+    print(f"# padded tokens / real tokens: {base['tokens'] / real:.2f} in the original's order, "
+          f"{grouped['tokens'] / real:.2f} length-grouped")  # fmt: skip
     for name in list(modes)[1:]:
         speed = f"records/s {base['seconds'] / results[name]['seconds']:.2f}x, "
         difference = f", mean loss difference {abs(results[name]['loss'] - base['loss']):.1e}"
-        print(f"# {name} / padded: {'' if args.peak_only else speed}peak step memory "
+        print(f"# {name} / padded in the original's order: {'' if args.peak_only else speed}peak step memory "
               f"{results[name]['peak'] / base['peak']:.2f}x{'' if args.peak_only else difference}")  # fmt: skip
     return results
 
