@@ -161,13 +161,16 @@ PADDING_FREE_RUNS = [("ddp", "trainer"), ("fsdp", "fsdp"), ("deepspeed_zero3", N
 
 @pytest.mark.parametrize(("config", "checkpointing"), PADDING_FREE_RUNS, ids=[c for c, _ in PADDING_FREE_RUNS])
 def test_padding_free_two_processes_train_like_one_padded(config, checkpointing, data, tmp_path, tmp_path_factory):
-    """`--padding_free` under DDP, FSDP2 and ZeRO-3: the losses of one process with padded batches."""
+    """`--padding_free` under DDP, FSDP2 and ZeRO-3 (the sharded ones also with `--use_liger_kernel`, on CPUs the
+    chunked loss, which calls the sharded head chunk by chunk): the losses of one process with padded batches."""
     output = tmp_path / "out"
     launch = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "examples" / "accelerate" / f"{config}.yaml")]
     launch += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29517"]
     if checkpointing == "fsdp":
         launch += ["--fsdp_activation_checkpointing", "true"]
     args = [*finetune_args(data, output, "projector+lm", 4), "--padding_free"]
+    if config != "ddp":
+        args.append("--use_liger_kernel")
     if checkpointing == "trainer":
         args.append("--activation_checkpointing")
     run([*launch, str(Path(__file__).with_name("cpu_launch.py")), *args])
