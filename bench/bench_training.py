@@ -22,8 +22,8 @@ first, the epoch's mean loss and the peak memory of each mode's largest step (`-
 a 2-layer CLIP at 96 px), so its head and loss take a larger share of the work than in a 7B model:
 
     .venv/bin/python bench/bench_training.py --mix          # CPU: 96 records, batch 8, a 256-wide 1-layer Llama
-    python bench/bench_training.py --mix --device cuda --dtype bfloat16 --mix-width 4096 --lm-layers 32 \
-        --attn flash_attention_2                              # GPU: a 7B-wide model, flash-attention's varlen kernels
+    python bench/bench_training.py --mix --device cuda --dtype bfloat16 --mix-width 4096 --lm-layers 8 \
+        --attn flash_attention_2                              # GPU: 8 Llama-7B layers, flash-attention's varlen kernels
 """
 
 import argparse
@@ -125,7 +125,7 @@ def run(args) -> dict[str, dict[str, float]]:
 
 
 def mix_model(args) -> DenseConnectorForConditionalGeneration:
-    """DCI over a 64-wide CLIP at 96 px (2 layers run) (patch 4: 576 tokens, as CLIP-L/336), a `--mix-width` Llama."""
+    """DCI over a 64-wide CLIP at 96 px (patch 4: 576 tokens, as CLIP-L/336; 2 layers run), a `--mix-width` Llama."""
     width = args.mix_width
     config = DenseConnectorConfig(
         vision_config={"model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 128,
