@@ -23,7 +23,7 @@ a 2-layer CLIP at 96 px), so its head and loss take a larger share of the work t
 
     .venv/bin/python bench/bench_training.py --mix          # CPU: 96 records, batch 8, a 256-wide 1-layer Llama
     python bench/bench_training.py --mix --device cuda --dtype bfloat16 --mix-width 4096 --lm-layers 8 \
-        --attn flash_attention_2                              # GPU: 8 Llama-7B layers, flash-attention's varlen kernels
+        --attn flash_attention_2                              # GPU: 8 Llama-7B layers, flash-attention varlen
 """
 
 import argparse
