@@ -96,7 +96,8 @@ test-web: setup-web
 	OMP_NUM_THREADS=1 CHROMIUM=$(CHROMIUM) $(PY_WEB) -m pytest -q tests/web
 
 # `make test-distributed`: 2-process DDP, FSDP2 and DeepSpeed ZeRO-2/3 training on CPU (gloo) with the configs of
-# examples/accelerate/, see docs/training.md "Several GPUs". DeepSpeed installs into .venv (it keeps torch 2.13).
+# examples/accelerate/, padded and padding-free, and two one-process "machines" on loopback; see docs/training.md
+# "Several GPUs". DeepSpeed installs into .venv (it keeps torch 2.13).
 $(VENV)/.installed-deepspeed: $(VENV)/.installed
 	$(PY) -m pip install --quiet deepspeed==0.19.8
 	touch $@

@@ -5,12 +5,16 @@ bench/gpu.sh --lm-layers 8      # a shallower language model
 bench/gpu.sh --tiny             # smoke test: tiny widths on the CPU (compilation takes a minute or two)
 bench/gpu.sh --no-compile       # without the compiled static-cache decoding comparison
 
+The training part ends with `bench_training.py --mix` at 7B widths (8 layers): an epoch of the instruction mix,
+padded vs padding-free, with flash-attention's variable-length kernels when `flash-attn` is installed (SDPA else).
+
 vLLM serving (`bench_vllm.py`, `bench_vllm_split.py`) is not part of it: vLLM cannot be installed on the GPU machine
 (no network there), so those run on the CPU in `.venv-vllm`.
 """
 
 import argparse
 import copy
+import importlib.util
 import time
 
 import bench_compile
@@ -50,6 +54,14 @@ def main():
     bench_feature_memory.run(argparse.Namespace(**vars(copy.copy(common)), batch=8, frames=frames))
     print()
     bench_training.run(argparse.Namespace(**vars(copy.copy(common)), batch=1 if options.tiny else 2))
+    print()
+    # the instruction-mix epoch: padded vs padding-free, with flash-attention's varlen kernels where flash-attn is
+    # installed; 8 Llama-7B layers (a full fine-tune of all 32 with AdamW does not fit one GPU)
+    attention = "flash_attention_2" if importlib.util.find_spec("flash_attn") and device == "cuda" else "sdpa"
+    mix = {**vars(common), "lm_layers": min(options.lm_layers, 8), "batch": 8, "vocab": 32000, "attn": attention,
+           "records": 16 if options.tiny else 96, "mix_width": 128 if options.tiny else 4096,
+           "peak_only": False}  # fmt: skip
+    bench_training.run_mix(argparse.Namespace(**mix))
     if not options.no_compile:
         print()
         bench_compile.run(argparse.Namespace(**vars(copy.copy(common)), new_tokens=options.new_tokens))

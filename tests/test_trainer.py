@@ -5,13 +5,15 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from test_training import CONFIG, finetune_args, save_tiny_checkpoint, write_dataset
-from tiny import tiny_model, tiny_processor
+from tiny import anyres_processor, tiny_config, tiny_model, tiny_processor
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from dense_connector.chat_templates import CHAT_TEMPLATES
 from dense_connector.checkpoints import UsageError
+from dense_connector.training import DenseConnectorDataCollator
 from dense_connector.training import command as finetune
 from dense_connector.training.command import DataError
 from dense_connector.training.trainer import (
@@ -50,6 +52,38 @@ def test_modality_lengths_are_the_originals():
     text = {"messages": [{"role": "user", "content": [{"type": "text", "text": "two words"}]}]}
     assert modality_lengths([image, text]) == [4, -2]  # "<image>\nWhat is it?" splits into 4 words
     assert record_lengths([image, text]) == [4 + 128, 2]
+
+
+def anyres_collator(folder):
+    config = tiny_config("siglip", image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]])
+    processor = anyres_processor(config)
+    processor.chat_template = CHAT_TEMPLATES["vicuna_v1"]
+    return DenseConnectorDataCollator(processor, image_folder=folder)
+
+
+@pytest.mark.parametrize("anyres", [False, True], ids=["fixed", "anyres"])
+def test_token_lengths_are_the_encoded_lengths_without_loading_images(anyres, tmp_path, monkeypatch):
+    sizes = [(40, 32), (32, 90), (70, 70)]
+    for index, size in enumerate(sizes):
+        Image.new("RGB", size, (index * 60, 90, 200)).save(tmp_path / f"{index}.png")
+    if anyres:
+        collator = anyres_collator(tmp_path)
+    else:
+        processor = tiny_processor(CONFIG, CHAT_TEMPLATES["vicuna_v1"])
+        collator = DenseConnectorDataCollator(processor, image_folder=tmp_path)
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a box"},
+             {"from": "human", "value": "And where?"}, {"from": "gpt", "value": "top left, by the edge"}]  # fmt: skip
+    records = [{"image": f"{index}.png", "conversations": turns[: 2 + 2 * (index % 2)]} for index in range(3)]
+    records += [text_record(7), {"images": [Image.new("RGB", (50, 32))], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": "black"}]}]  # fmt: skip
+    encoded = [len(collator.encode(record)[0]) for record in records]
+    monkeypatch.setattr(collator, "load_image", None)  # lengths never decode an image
+    assert collator.token_lengths(records) == [encoded[0], encoded[1], encoded[2], -encoded[3], encoded[4]]
+    if anyres:
+        assert len(set(encoded[:3])) == 3  # the images' sizes change their placeholder counts
+    collator.max_length = 20
+    assert collator.token_lengths(records[3:4]) == [-min(encoded[3], 20)]
 
 
 @pytest.mark.parametrize(("images", "texts", "step"), [(40, 23, 8), (9, 30, 4), (12, 0, 4), (5, 5, 8)])
@@ -95,7 +129,9 @@ def test_group_by_length_works_on_raw_records(base, tmp_path):
     trainer = finetune.train(finetune_args(base, data, tmp_path / "out", "projector", 2, ["--group_by_length"]))
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, LengthGroupedSampler)
-    assert sampler.lengths == record_lengths(json.loads(data.read_text()))
+    records = json.loads(data.read_text())
+    exact = [len(trainer.data_collator.encode(record)[0]) for record in records]
+    assert sampler.lengths == exact != record_lengths(records)  # exact token counts, not the original's words
     assert trainer.state.global_step == 2
 
 

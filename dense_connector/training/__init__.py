@@ -3,12 +3,14 @@
 Modules, each using only those listed after it: `command` (`dense-connector train` and `check-data`), `options`
 (their options, recipe files), `progress` (throughput, loss curve, evaluation task), `sources` (files, `datasets`,
 mixtures), `checks` (the data check), `trainer` (the original's sampler, projector learning rate and stage-1
-projector file), `regimes` (which parameters train), `collator` (records to batches with masked labels), `data`
-(instruction files and records). Only the last four are imported here; `recipes/` holds the bundled recipes.
+projector file), `losses` (losses that never hold the full logits: chunked, Liger), `regimes` (which parameters
+train), `collator` (records to batches with masked labels, padded or padding-free), `data` (instruction files and
+records). Only `trainer` and those after it are imported here; `recipes/` holds the bundled recipes.
 """
 
 from .collator import IGNORE_INDEX, DenseConnectorDataCollator, assistant_spans, mask_labels, token_char_starts
 from .data import InstructionRecords, llava_to_messages, load_instruction_data, record_name, record_to_messages
+from .losses import chunked_cross_entropy, use_memory_efficient_loss
 from .regimes import TUNE_REGIMES, language_model_linear_names, prepare_for_training, trainable_parameter_summary
 from .trainer import (
     PROJECTOR_FILE,
@@ -28,6 +30,7 @@ __all__ = [
     "DenseConnectorTrainingArguments",
     "InstructionRecords",
     "assistant_spans",
+    "chunked_cross_entropy",
     "language_model_linear_names",
     "llava_to_messages",
     "load_instruction_data",
@@ -39,4 +42,5 @@ __all__ = [
     "save_projector",
     "token_char_starts",
     "trainable_parameter_summary",
+    "use_memory_efficient_loss",
 ]

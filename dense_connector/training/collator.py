@@ -2,12 +2,15 @@
 
 It renders each record with the processor's chat template, expands the image placeholders through the processor,
 and masks with `IGNORE_INDEX` every label that is not part of an assistant reply (the original's `plain` format:
-everything after the image), padding each batch to its longest record.
+everything after the image), padding each batch to its longest record, or (`padding_free=True`) putting the batch's
+records one after the other in a single row.
 """
 
 import io
 import logging
 import re
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from transformers import BatchFeature
+from transformers import BatchFeature, DataCollatorWithFlattening
 
 from ..chat_templates import CHAT_TEMPLATES
 from .data import record_name, record_to_messages
@@ -114,6 +117,13 @@ class DenseConnectorDataCollator:
     With the `plain` template (stage 1) every record must be one image, one user turn and one caption. A record with
     no assistant turn, or whose image is missing, raises an error naming it.
 
+    `padding_free=True` (TRL's name) puts the batch's records one after the other in one row of shape `(1, total
+    tokens)` with no padding (transformers' `DataCollatorWithFlattening`): `position_ids` restart at 0 at every
+    record, which is what keeps records from attending to each other (transformers' packed-sequence masks for SDPA,
+    eager and flex attention, and flash-attention's variable-length kernels, all read them when no `attention_mask`
+    is passed), and the label of each record's first token is `IGNORE_INDEX`, so no record learns to predict the
+    next one's start. Loss and gradients are those of the padded batch of the same records.
+
     Use it with `TrainingArguments(remove_unused_columns=False)`, since it needs the raw record fields.
     """
 
@@ -121,10 +131,13 @@ class DenseConnectorDataCollator:
     image_folder: str | Path | None = None
     max_length: int | None = None
     pad_to_multiple_of: int | None = None
+    padding_free: bool = False
 
     def __post_init__(self):
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # init_kwargs: what is saved
+        if self.padding_free and self.pad_to_multiple_of:
+            raise ValueError("padding_free=True adds no padding; leave pad_to_multiple_of out.")
 
     @property
     def plain(self) -> bool:
@@ -191,6 +204,41 @@ class DenseConnectorDataCollator:
         pixels = {key: encoded[key] for key in ("pixel_values", "image_sizes") if key in encoded}
         return input_ids, labels, pixels
 
+    def token_lengths(self, records: Sequence[dict]) -> list[int]:
+        """Each record's tokens after image expansion, as `encode` counts them (at most `max_length`), positive for
+        records with images and negative for text-only ones (the sign the modality-grouped sampler reads).
+
+        The text is rendered and tokenised as `encode` does it; the images are not loaded: an image's placeholders
+        come from the processor's tower input size, and with AnyRes from the image's size (a PIL image's, or the
+        file header's). A record `encode` would refuse counts its text alone here; `encode` names it later.
+        """
+        began = time.perf_counter()
+        processor, tokenizer = self.processor, self.processor.tokenizer
+        adds_bos = tokenizer.bos_token_id is not None and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
+        anyres = getattr(processor.image_processor, "image_grid_pinpoints", None) is not None
+        lengths = []
+        for record in records:
+            messages, image_refs = record_to_messages(record, processor.image_token)
+            text = processor.apply_chat_template(messages, tokenize=False)
+            sizes = [self.image_size(ref) if anyres else (1, 1) for ref in image_refs]
+            counts = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens if sizes else []
+            replacements = [("image", processor.image_token_id, count) for count in counts]
+            length = len(processor._tokenize(text, adds_bos, replacements)[0])
+            length = min(length, self.max_length or length)
+            lengths.append(length if image_refs else -length)
+        logger.info(f"Token lengths of {len(lengths)} records in {time.perf_counter() - began:.1f} s.")
+        return lengths
+
+    def image_size(self, image: str | Path | Image.Image) -> tuple[int, int]:
+        """`(height, width)` of an image, from its file's header (no pixels decoded)."""
+        if isinstance(image, Image.Image):
+            return image.height, image.width
+        try:
+            with Image.open(Path(self.image_folder or "") / image) as opened:
+                return opened.height, opened.width
+        except OSError:  # a missing or broken image: `encode` refuses the record, naming it
+            return 1, 1
+
     def __call__(self, records: list[dict]) -> BatchFeature:
         encoded = [item for item in map(self.encode, records) if item is not None]
         if not encoded:
@@ -198,23 +246,35 @@ class DenseConnectorDataCollator:
                 f"All {len(records)} records of the batch were dropped (see the warnings): none fits in "
                 f"max_length={self.max_length} with an assistant reply to learn from."
             )
+        return self.collate(encoded)
+
+    def collate(self, encoded: list[tuple[list[int], list[int], dict[str, torch.Tensor]]]) -> BatchFeature:
+        """One batch of encoded records (`encode`'s results): padded, or in one row with `padding_free`."""
+        if self.padding_free:
+            flat = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX, return_tensors="pt")
+            batch = flat([{"input_ids": ids, "labels": labels} for ids, labels, _ in encoded])
+        else:
+            batch = self.pad(encoded)
+        pixels = [record_pixels for _, _, record_pixels in encoded if record_pixels]
+        if pixels:
+            batch["pixel_values"] = concat_padded([p["pixel_values"] for p in pixels])
+            if "image_sizes" in pixels[0]:
+                batch["image_sizes"] = torch.cat([p["image_sizes"] for p in pixels])
+        return BatchFeature(dict(batch))
+
+    def pad(self, encoded: list[tuple[list[int], list[int], dict]]) -> dict[str, torch.Tensor]:
+        """Ids, attention mask and labels of the records, padded on the right to the longest."""
         length = max(len(ids) for ids, _, _ in encoded)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         pad_id = self.processor.tokenizer.pad_token_id
         if pad_id is None:
             raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token` (e.g. to the unk token).")
-        batch = {
+        return {
             "input_ids": torch.tensor([ids + [pad_id] * (length - len(ids)) for ids, _, _ in encoded]),
             "attention_mask": torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids, _, _ in encoded]),
             "labels": torch.tensor([labels + [IGNORE_INDEX] * (length - len(labels)) for _, labels, _ in encoded]),
         }
-        pixels = [record_pixels for _, _, record_pixels in encoded if record_pixels]
-        if pixels:
-            batch["pixel_values"] = concat_padded([p["pixel_values"] for p in pixels])
-            if "image_sizes" in pixels[0]:
-                batch["image_sizes"] = torch.cat([p["image_sizes"] for p in pixels])
-        return BatchFeature(batch)
 
 
 def concat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:

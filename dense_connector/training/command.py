@@ -179,7 +179,9 @@ def build_trainer(model_args, data_args, training_args) -> DenseConnectorTrainer
         task.schedule(training_args)
     from .collator import DenseConnectorDataCollator
 
-    collator = DenseConnectorDataCollator(processor, max_length=data_args.model_max_length)
+    collator = DenseConnectorDataCollator(
+        processor, max_length=data_args.model_max_length, padding_free=training_args.padding_free
+    )
     trainer = DenseConnectorTrainer(
         model=model,
         args=training_args,

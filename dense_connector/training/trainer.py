@@ -4,7 +4,8 @@ and a stage-1 output of the projector alone.
 `DenseConnectorTrainer` is the Hugging Face `Trainer` with three of the original `LLaVATrainer`'s behaviours:
 `group_by_modality_length` draws every optimizer step's records from image records only or text-only records only
 (the original's sampler for the 665K mix, so no step pays the tower for a batch of text), `group_by_length` groups
-raw instruction records by length (the stock `Trainer` can only measure datasets of token ids), and `mm_projector_lr`
+raw instruction records by length (the stock `Trainer` can only measure datasets of token ids; both samplers read
+the collator's exact token lengths, the original's word counts with another collator), and `mm_projector_lr`
 gives the projector its own learning rate. `save_projector_only` makes stage 1 write `projector.safetensors` (the
 original's `mm_projector.bin`) instead of a copy of the frozen tower and language model; `load_pretrained_projector`
 puts it, or the original's file, into a model built from the same parts for stage 2.
@@ -22,7 +23,9 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
+from .collator import DenseConnectorDataCollator
 from .data import record_to_messages
+from .losses import use_memory_efficient_loss
 
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,16 @@ class DenseConnectorTrainingArguments(TrainingArguments):
     mm_projector_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the projector (default: --learning_rate)."}
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Each batch's records in one row without padding, position ids restarting at every record "
+                  "(no attention across records); the same loss as padded batches with less compute."},
+    )  # fmt: skip
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Compute the training loss this many trained tokens at a time, never holding the full "
+                  "logits (the default of --use_liger_kernel where Liger's GPU kernels do not run: 1024)."},
+    )  # fmt: skip
     save_projector_only: bool = field(
         default=False,
         metadata={"help": "With --tune projector: save projector.safetensors only (the original's mm_projector.bin), "
@@ -117,7 +130,8 @@ class ModalityLengthGroupedSampler(Sampler):
 
 
 class DenseConnectorTrainer(Trainer):
-    """`Trainer` with the samplers, projector learning rate and projector-only saving of the original's.
+    """`Trainer` with the samplers, projector learning rate and projector-only saving of the original's, and a loss
+    that never holds the full logits with `--use_liger_kernel` or `--loss_chunk_size`.
 
     `dense-connector train` sets `throughput` (a `progress.Throughput` callback: tokens/s, samples/s and ETA added
     to the training logs) and `eval_task` (called on the model and processor at each evaluation, its metrics logged
@@ -126,6 +140,15 @@ class DenseConnectorTrainer(Trainer):
 
     throughput = None
     eval_task = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        liger = self.args.use_liger_kernel
+        if liger or getattr(self.args, "loss_chunk_size", None):
+            logger.warning(use_memory_efficient_loss(self.model, liger, getattr(self.args, "loss_chunk_size", None)))
+            # done here for the language model: the stock Trainer would patch by the model's own model_type, which
+            # Liger does not know, and fail where liger-kernel is not installed
+            self.args.use_liger_kernel = False
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         if self.throughput is not None and model.training:
@@ -151,11 +174,21 @@ class DenseConnectorTrainer(Trainer):
         args = self.args
         if getattr(args, "group_by_modality_length", False):
             step_size = args.train_batch_size * args.world_size * args.gradient_accumulation_steps
-            return ModalityLengthGroupedSampler(modality_lengths(dataset), step_size)
+            return ModalityLengthGroupedSampler(self.record_lengths(dataset, signed=True), step_size)
         if args.train_sampling_strategy == "group_by_length" and not hasattr(dataset, "column_names"):
             batch = args.train_batch_size * args.gradient_accumulation_steps
-            return LengthGroupedSampler(batch, lengths=record_lengths(dataset))
+            return LengthGroupedSampler(batch, lengths=self.record_lengths(dataset, signed=False))
         return super()._get_train_sampler(train_dataset)
+
+    def record_lengths(self, records: Sequence[dict], signed: bool) -> list[int]:
+        """Exact token lengths (`DenseConnectorDataCollator.token_lengths`, computed once per dataset) with this
+        package's collator, else the original's word counts; `signed`: negative for text-only records."""
+        if not isinstance(self.data_collator, DenseConnectorDataCollator):
+            return modality_lengths(records) if signed else record_lengths(records)
+        cache = self.__dict__.setdefault("_token_lengths", {})
+        if id(records) not in cache:
+            cache[id(records)] = self.data_collator.token_lengths(records)
+        return cache[id(records)] if signed else [abs(length) for length in cache[id(records)]]
 
     def create_optimizer(self, model=None):
         """The stock optimizer, with the projector's parameters moved into groups of their own at `mm_projector_lr`."""

@@ -4,6 +4,8 @@ with `accelerate launch` and the configs of `examples/accelerate/`, on data wher
 Each run's logged losses must equal a one-process run with the same global batch, and every full-model folder it saves
 (final and `checkpoint-2`) must load as remote code, with the package blocked, holding the one-process run's weights.
 FSDP and DeepSpeed go through `cpu_launch.py` (test-only; accelerate enables them only on GPU process groups).
+Padding-free runs (DDP, FSDP2, ZeRO-3) must log the losses of the padded one-process run, and two `accelerate launch`es
+as two machines of one process each (on loopback) those of one process, saving one folder.
 Run with `make test-distributed`.
 """
 
@@ -152,3 +154,45 @@ def test_two_processes_train_like_one(config, tune, checkpointing, data, tmp_pat
         assert config_json == json.loads((one_process / "config.json").read_text())
     pairs = [(str(output), str(expected)), (str(output / "checkpoint-2"), str(expected / "checkpoint-2"))]
     run_without_package(COMPARE_WEIGHTS.format(pairs=pairs), tmp_path)
+
+
+PADDING_FREE_RUNS = [("ddp", "trainer"), ("fsdp", "fsdp"), ("deepspeed_zero3", None)]
+
+
+@pytest.mark.parametrize(("config", "checkpointing"), PADDING_FREE_RUNS, ids=[c for c, _ in PADDING_FREE_RUNS])
+def test_padding_free_two_processes_train_like_one_padded(config, checkpointing, data, tmp_path, tmp_path_factory):
+    """`--padding_free` under DDP, FSDP2 and ZeRO-3 (the sharded ones also with `--use_liger_kernel`, on CPUs the
+    chunked loss, which calls the sharded head chunk by chunk): the losses of one process with padded batches."""
+    output = tmp_path / "out"
+    launch = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "examples" / "accelerate" / f"{config}.yaml")]
+    launch += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29517"]
+    if checkpointing == "fsdp":
+        launch += ["--fsdp_activation_checkpointing", "true"]
+    args = [*finetune_args(data, output, "projector+lm", 4), "--padding_free"]
+    if config != "ddp":
+        args.append("--use_liger_kernel")
+    if checkpointing == "trainer":
+        args.append("--activation_checkpointing")
+    run([*launch, str(Path(__file__).with_name("cpu_launch.py")), *args])
+    assert losses(output) == pytest.approx(losses(reference(data, tmp_path_factory, "projector+lm")), rel=1e-3)
+
+
+def test_two_machines_of_one_process_train_like_one(data, tmp_path, tmp_path_factory):
+    """Two `accelerate launch`es as two machines (`--num_machines 2 --machine_rank 0|1`) of one process each, on
+    loopback: the losses of one process, and one folder saved (by machine 0) that loads as remote code."""
+    output = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launches = []
+    for rank in (0, 1):
+        command = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "examples" / "accelerate" / "ddp.yaml")]
+        command += ["--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2"]
+        command += ["--main_process_ip", "127.0.0.1", "--main_process_port", "29518", "--mixed_precision", "no"]
+        command += finetune_args(data, output, "projector+lm", 4)
+        launches.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for launch in launches:
+        log = launch.communicate(timeout=600)[0].decode()
+        assert launch.returncode == 0, log[-6000:]
+    expected = reference(data, tmp_path_factory, "projector+lm")
+    assert losses(output) == pytest.approx(losses(expected), rel=1e-3)
+    assert set(model_files(output)) == set(model_files(expected))
+    run_without_package(COMPARE_WEIGHTS.format(pairs=[(str(output), str(expected))]), tmp_path)

@@ -1,0 +1,112 @@
+"""Padding-free batches (`DenseConnectorDataCollator(padding_free=True)`): the same loss and gradients as the padded
+batch of the same records, with SDPA and eager attention, image and text-only records mixed, multi-turn records,
+LoRA, activation checkpointing and AnyRes."""
+
+import pytest
+import torch
+from PIL import Image
+from tiny import anyres_processor, tiny_config, tiny_model, tiny_processor
+
+from dense_connector.chat_templates import CHAT_TEMPLATES
+from dense_connector.training import IGNORE_INDEX, DenseConnectorDataCollator, prepare_for_training
+
+
+def llava_record(turns, size=None):
+    conversations = []
+    for question, answer in turns:
+        conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    record = {"conversations": conversations}
+    if size is not None:
+        record["image"] = Image.new("RGB", size, (sum(size) % 256, 90, 200))
+    return record
+
+
+RECORDS = [
+    llava_record([("<image>\nWhat color is it?", "blue")], size=(40, 32)),
+    llava_record([("What is two plus two? Answer in words, please.", "four"), ("And three?", "six, once doubled")]),
+    llava_record([("<image>\nDescribe it.", "a box"), ("Where is it?", "on the left of the picture")], (32, 70)),
+    llava_record([("Hi", "Hello there, how can I help you today?")]),
+]
+
+
+def loss_and_gradients(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_training_signal(model, padded, flat) -> None:
+    loss, grads = loss_and_gradients(model, padded)
+    flat_loss, flat_grads = loss_and_gradients(model, flat)
+    torch.testing.assert_close(flat_loss, loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == flat_grads.keys() and grads
+    for name, grad in grads.items():
+        message = f"{name}: {{}}"
+        torch.testing.assert_close(flat_grads[name], grad, atol=1e-5, rtol=1e-4, msg=message.format)
+
+
+def collators(processor) -> tuple[DenseConnectorDataCollator, DenseConnectorDataCollator]:
+    return DenseConnectorDataCollator(processor), DenseConnectorDataCollator(processor, padding_free=True)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_processor(tiny_config(), chat_template=CHAT_TEMPLATES["vicuna_v1"])
+
+
+def test_one_row_with_restarting_positions_and_masked_record_starts(processor):
+    padded_collator, flat_collator = collators(processor)
+    padded, flat = padded_collator(RECORDS), flat_collator(RECORDS)
+    lengths = padded["attention_mask"].sum(1).tolist()
+    assert "attention_mask" not in flat and flat["input_ids"].shape == (1, sum(lengths)) < padded["input_ids"].shape
+    assert flat["position_ids"][0].tolist() == [i for length in lengths for i in range(length)]
+    real = padded["attention_mask"].bool()
+    assert flat["input_ids"][0].tolist() == padded["input_ids"][real].tolist()
+    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+    assert (flat["labels"][0, starts] == IGNORE_INDEX).all()
+    expected = padded["labels"].clone()
+    expected[:, 0] = IGNORE_INDEX
+    assert flat["labels"][0].tolist() == expected[real].tolist()
+    torch.testing.assert_close(flat["pixel_values"], padded["pixel_values"])
+    with pytest.raises(ValueError, match="adds no padding"):
+        DenseConnectorDataCollator(processor, padding_free=True, pad_to_multiple_of=8)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_same_loss_and_gradients_as_the_padded_batch(processor, attention, training):
+    model = prepare_for_training(tiny_model(tiny_config(attn_implementation=attention)), "projector+lm")
+    model.train(training)  # eval mode: the model's default cache must not switch the packed-sequence mask off
+    padded_collator, flat_collator = collators(processor)
+    assert_same_training_signal(model, padded_collator(RECORDS), flat_collator(RECORDS))
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_lora_with_activation_checkpointing(processor, use_reentrant):
+    model = prepare_for_training(tiny_model(tiny_config()), "lora", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # LoRA's B starts at zero; make the adapters matter
+            param.data.normal_(std=0.02)
+    model.train()
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # its name before transformers 5.20
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    padded_collator, flat_collator = collators(processor)
+    assert_same_training_signal(model, padded_collator(RECORDS), flat_collator(RECORDS))
+
+
+def test_anyres_images_land_in_their_records(processor):
+    config = tiny_config(
+        "siglip", image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]], attn_implementation="sdpa"
+    )
+    anyres = anyres_processor(config)
+    anyres.chat_template = CHAT_TEMPLATES["vicuna_v1"]
+    model = prepare_for_training(tiny_model(config), "projector+lm").train()
+    padded_collator, flat_collator = collators(anyres)
+    padded, flat = padded_collator(RECORDS), flat_collator(RECORDS)
+    assert padded["pixel_values"].shape[1] == 3  # images of different tile counts, padded to the most tiles
+    assert_same_training_signal(model, padded, flat)
