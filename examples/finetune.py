@@ -19,6 +19,7 @@ Several GPUs: `accelerate launch --config_file examples/accelerate/fsdp.yaml exa
 import logging
 import sys
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -42,6 +43,7 @@ from dense_connector.training import (
     prepare_for_training,
     trainable_parameter_summary,
 )
+from dense_connector.writing.sources import is_hub_id
 
 
 logger = logging.getLogger(__name__)
@@ -116,6 +118,9 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     if getattr(training_args, "save_projector_only", False) and model_args.tune != "projector":
         raise ValueError(f"--save_projector_only needs --tune projector (got --tune {model_args.tune}): the other "
                          "regimes train weights that projector.safetensors does not hold.")  # fmt: skip
+    source = model_args.model_name_or_path
+    if not Path(source).expanduser().exists() and not is_hub_id(source):  # refused at once, not tried on the Hub
+        raise ValueError(f"--model_name_or_path {source}: no such folder (and not a Hub id, owner/name)")
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype else None
     set_seed(training_args.seed)  # what is initialised here (LoRA) is then the same in every run and on every rank
