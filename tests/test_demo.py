@@ -73,7 +73,7 @@ def test_checkpoint_is_small_and_complete(demo):
 
 
 def test_answers_held_out_questions(demo):
-    """Images from a seed used neither in training nor in train_demo.py's own evaluation, in the canonical phrasings."""
+    """Images from a seed used neither in training nor in train_demo.py's evaluation, in the canonical phrasings."""
     assert TEST_SEED not in (TRAIN_SEED, HELDOUT_SEED, HELDOUT_SEED + 1)
     accuracy, per_type = evaluate(*demo, make_examples(100, seed=TEST_SEED))
     assert accuracy >= 0.85 and min(per_type.values()) >= 0.7, f"held-out accuracy {accuracy:.0%} ({per_type})"
