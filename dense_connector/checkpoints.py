@@ -1,4 +1,4 @@
-"""Finding and loading converted Dense Connector checkpoints for the command-line tools (chat, demo, eval).
+"""Finding and loading Dense Connector checkpoints for the command-line tools (chat, demo, eval, web).
 
 A folder or Hub id that is not a converted checkpoint (an original one, another model type, an incomplete folder)
 gives a `UsageError` with one line saying what is wrong and what to do; the tools print it without a traceback.
@@ -17,10 +17,18 @@ from huggingface_hub import hf_hub_download
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import logging as hf_logging
 
+from dense_connector.writing.sources import is_hub_id
 from dense_connector.writing.verify import loading_problems
 
 
 PROG = "dense-connector"
+DEFAULT_MAX_NEW_TOKENS = 512  # chat, demo, web and eval, when the checkpoint's generation config sets none
+MODEL_HELP = "Dense Connector checkpoint (converted, built or trained): a local folder or a Hub id (owner/name)"
+
+
+def install_hint(extra: str) -> str:
+    """How to install an optional extra: from the clone, as the README says (the package is not on PyPI)."""
+    return f'pip install -e ".[{extra}]" in a clone of the repository'
 
 
 class UsageError(Exception):
@@ -46,13 +54,13 @@ def bundled_demo() -> Iterator[tuple[Path, Path]]:
 
 def read_config(model_id: str) -> dict:
     """The `config.json` of a local folder or a Hub repository, as a dict."""
-    path = Path(model_id)
+    path = Path(model_id).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise UsageError(f"{model_id} is not a Hugging Face checkpoint folder (it has no config.json)")
         return json.loads((path / "config.json").read_text())
-    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
-        raise UsageError(f"no such folder: {model_id}")
+    if not is_hub_id(model_id):
+        raise UsageError(f"no such folder: {model_id} (and not a Hub id, owner/name)")
     try:
         return json.loads(Path(hf_hub_download(model_id, "config.json")).read_text())
     except Exception as error:

@@ -1,10 +1,13 @@
 """Synthetic visual question answering: coloured shapes in the quadrants of a small image.
 
 A scene puts one to four shapes, of different kinds and colours, in different quadrants of a dark image. Questions
-ask for the number of shapes (any scene) or for the color, kind and position of the shape (scenes with one shape);
-every answer is one short phrase from a small vocabulary ("red", "circle", "top left", "3"), so exact match is a fair
-score. Generation is deterministic given a seed, and the held-out split draws from a different random stream than the
-training split. The bundled demo checkpoint (`examples/train_demo.py`) is trained on this data.
+ask for the number of shapes or a short caption (any scene), or for the color, kind and position of the shape (scenes
+with one shape); every answer is one short phrase from a small vocabulary ("red", "circle", "top left", "3", "a red
+circle in the top left", "3 shapes"), so exact match is a fair score. Each question type is asked in several
+phrasings: training draws from `TRAIN_PHRASINGS`, and `HELDOUT_PHRASINGS` are never trained on, so that the tests can
+ask questions the model has not seen worded that way. Generation is deterministic given a seed, and the held-out
+split draws from a different random stream than the training split. The bundled demo checkpoint
+(`examples/train_demo.py`) is trained on this data.
 
 Questions that pick one shape out of several ("What color is the circle?") need a two-step lookup that a from-scratch
 two-layer model did not learn within the few minutes of CPU training the demo allows, so they are left out.
@@ -27,7 +30,30 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
-QUESTION_TYPES = ("color", "shape", "position", "count")
+QUESTION_TYPES = ("color", "shape", "position", "count", "caption")
+SINGLE_SHAPE_TYPES = ("color", "shape", "position")  # asked only about scenes with one shape
+# The first phrasing of each type is the canonical one (the evaluation sets' default).
+TRAIN_PHRASINGS = {
+    "color": ("What color is the shape?", "What colour is it?", "Which color is the object?",
+              "What is the color of the shape?", "Name the color.", "What color do you see in the image?"),
+    "shape": ("What shape is it?", "What kind of shape is this?", "Which shape is in the image?",
+              "What is the object?", "Name the shape.", "What shape do you see in this picture?"),
+    "position": ("Where is the shape?", "Where is it?", "In which part of the image is the object?",
+                 "Where is the object located?", "Which corner is the shape in?", "Name the position."),
+    "count": ("How many shapes are there?", "How many shapes do you see?", "How many objects are in the image?",
+              "Count the objects.", "What is the number of shapes?", "How many things does this picture show?"),
+    "caption": ("Describe this picture.", "Describe what you see.", "What is in the image?",
+                "Give a short caption.", "Caption this image.", "What does the picture show?"),
+}  # fmt: skip
+HELDOUT_PHRASINGS = {
+    "color": ("What color is the object in the picture?", "Which colour is the shape?"),
+    "shape": ("What shape is in the picture?", "Which shape is it?"),
+    "position": ("Where is the shape in the picture?", "Where is the object?"),
+    "count": ("How many shapes are in the picture?", "Count the shapes.", "How many objects can you see?"),
+    "caption": ("Describe the image.", "Write a short caption for the picture."),
+}
+PHRASINGS = {"canonical": {kind: texts[:1] for kind, texts in TRAIN_PHRASINGS.items()},
+             "train": TRAIN_PHRASINGS, "heldout": HELDOUT_PHRASINGS}  # fmt: skip
 IMAGE_SIZE = 64
 TRAIN_SEED = 0
 HELDOUT_SEED = 1
@@ -91,43 +117,56 @@ def draw_scene(shapes: list[PlacedShape], image_size: int = IMAGE_SIZE) -> Image
     return image
 
 
-def ask(shapes: list[PlacedShape], question_type: str) -> tuple[str, str]:
-    """A question of the given type about the scene, and its answer."""
-    if question_type == "count":
-        return "How many shapes are there?", str(len(shapes))
+def caption(shapes: list[PlacedShape]) -> str:
+    """A short caption: "a red circle in the top left" for one shape, "3 shapes" for more."""
+    if len(shapes) == 1:
+        return f"a {shapes[0].color} {shapes[0].kind} in the {shapes[0].position}"
+    return f"{len(shapes)} shapes"
+
+
+def ask(shapes: list[PlacedShape], question_type: str, question: str | None = None) -> tuple[str, str]:
+    """A question of the given type about the scene (`question`, or the type's canonical phrasing), and its answer."""
     if question_type not in QUESTION_TYPES:
         raise ValueError(f"Unknown question_type {question_type!r}; use one of {QUESTION_TYPES}.")
+    question = question or TRAIN_PHRASINGS[question_type][0]
+    if question_type == "count":
+        return question, str(len(shapes))
+    if question_type == "caption":
+        return question, caption(shapes)
     if len(shapes) != 1:
         raise ValueError(f"{question_type!r} questions are asked about scenes with one shape, not {len(shapes)}.")
     shape = shapes[0]
-    if question_type == "color":
-        return "What color is the shape?", shape.color
-    if question_type == "shape":
-        return "What shape is it?", shape.kind
-    return "Where is the shape?", shape.position
+    return question, {"color": shape.color, "shape": shape.kind, "position": shape.position}[question_type]
 
 
 def make_examples(
-    num_images: int, seed: int, all_questions: bool = False, image_size: int = IMAGE_SIZE
+    num_images: int,
+    seed: int,
+    all_questions: bool = False,
+    image_size: int = IMAGE_SIZE,
+    phrasings: str = "canonical",
 ) -> list[VQAExample]:
     """`num_images` scenes and questions; the same seed gives the same data.
 
-    With `all_questions=False`, one question per image, the types in turn (count questions about one to four
-    shapes). With `all_questions=True` (training), two images in three have one shape and all four questions in
-    random order, the third two to four shapes and the count question.
+    With `all_questions=False`, one question per image, the types in turn (count and caption questions about one to
+    four shapes). With `all_questions=True` (training), two images in three have one shape and all five questions in
+    random order, the third two to four shapes and the count and caption questions. Each question is worded by a
+    random choice among `PHRASINGS[phrasings]`: "canonical" (one wording per type), "train" or "heldout".
     """
+    wordings = PHRASINGS[phrasings]
     rng = random.Random(seed)
     examples = []
     for index in range(num_images):
         if all_questions:
             single = index % 3 != 2
-            types = rng.sample(QUESTION_TYPES, len(QUESTION_TYPES)) if single else ["count"]
+            types = QUESTION_TYPES if single else [t for t in QUESTION_TYPES if t not in SINGLE_SHAPE_TYPES]
+            types = rng.sample(types, len(types))
             num_shapes = 1 if single else rng.randint(2, len(POSITIONS))
         else:
             types = [QUESTION_TYPES[index % len(QUESTION_TYPES)]]
-            num_shapes = rng.randint(1, len(POSITIONS)) if types == ["count"] else 1
+            num_shapes = 1 if types[0] in SINGLE_SHAPE_TYPES else rng.randint(1, len(POSITIONS))
         shapes = random_scene(rng, num_shapes, image_size)
-        questions, answers = zip(*(ask(shapes, kind) for kind in types))
+        questions, answers = zip(*(ask(shapes, kind, rng.choice(wordings[kind])) for kind in types))
         examples.append(VQAExample(draw_scene(shapes, image_size), questions, answers, tuple(types)))
     return examples
 
@@ -135,18 +174,17 @@ def make_examples(
 def make_splits(
     num_train: int, num_heldout: int, train_seed: int = TRAIN_SEED, heldout_seed: int = HELDOUT_SEED
 ) -> tuple[list[VQAExample], list[VQAExample]]:
-    """Training images (several questions each) and held-out images (one question each), from two independent
-    random streams."""
+    """Training images (several questions each, in the training phrasings) and held-out images (one question each,
+    in the canonical phrasings), from two independent random streams."""
     if train_seed == heldout_seed:
         raise ValueError("train_seed and heldout_seed must differ, or the held-out split repeats the training one.")
-    return make_examples(num_train, train_seed, all_questions=True), make_examples(num_heldout, heldout_seed)
+    train = make_examples(num_train, train_seed, all_questions=True, phrasings="train")
+    return train, make_examples(num_heldout, heldout_seed)
 
 
 def demo_sample() -> VQAExample:
-    """The bundled sample image's scene: the first held-out count question about three or more shapes."""
-    return next(
-        e for e in make_examples(40, HELDOUT_SEED) if e.question_types == ("count",) and int(e.answers[0]) >= 3
-    )
+    """The bundled sample image's scene: the first held-out count question about three shapes."""
+    return next(e for e in make_examples(100, HELDOUT_SEED) if e.question_types == ("count",) and e.answers == ("3",))
 
 
 def question_prompts(processor, questions: list[str]) -> list[str]:
@@ -162,7 +200,7 @@ def question_prompts(processor, questions: list[str]) -> list[str]:
 
 
 @torch.no_grad()
-def answer(model, processor, images: list[Image.Image], questions: list[str], max_new_tokens: int = 8) -> list[str]:
+def answer(model, processor, images: list[Image.Image], questions: list[str], max_new_tokens: int = 12) -> list[str]:
     """Greedy answers of a model to one question per image, in one left-padded batch."""
     prompts = question_prompts(processor, questions)
     inputs = processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
@@ -196,16 +234,21 @@ def to_conversation(example: VQAExample, image_file: str) -> dict:
 
 __all__ = [
     "COLORS",
+    "HELDOUT_PHRASINGS",
     "HELDOUT_SEED",
     "IMAGE_SIZE",
+    "PHRASINGS",
     "POSITIONS",
     "QUESTION_TYPES",
     "SHAPES",
+    "SINGLE_SHAPE_TYPES",
+    "TRAIN_PHRASINGS",
     "TRAIN_SEED",
     "PlacedShape",
     "VQAExample",
     "answer",
     "ask",
+    "caption",
     "demo_sample",
     "draw_scene",
     "evaluate",

@@ -1,10 +1,12 @@
 """Train the bundled demo checkpoint: a tiny Dense Connector (DCI) model, from scratch, on synthetic shapes VQA.
 
-It generates the data (`dense_connector.demo_data`), trains a small BPE tokenizer on its text, builds a tiny
-CLIP-like tower + tiny Llama with random weights, trains every part (tower included) with `dense-connector train`
-(whose `train` function it calls on LLaVA-format JSON and PNG files, as users' data would come), prints the
-held-out exact-match accuracy, and saves model + processor (vicuna_v1 chat template) to
-`dense_connector/demo/checkpoint/` and the sample image to `dense_connector/demo/sample.png`. About two minutes of
+It generates the data (`dense_connector.demo_data`: varied phrasings of each question type, short captions), trains a
+Llama-style SentencePiece tokenizer on its text (`tokenizer.model`, byte fallback, as Vicuna's) and converts it with
+the package's converter (`tokenizer.json`, the same ids), builds a tiny CLIP-like tower + tiny Llama with random
+weights, trains every part (tower included) with `dense-connector train` (whose `train` function it calls
+on LLaVA-format JSON and PNG files, as users' data would come), prints the exact-match accuracy on held-out images
+in the canonical and in held-out phrasings, and saves model + processor (vicuna_v1 chat template) + tokenizer.model
+to `dense_connector/demo/checkpoint/` and the sample image to `dense_connector/demo/sample.png`. A few minutes of
 training on two CPU cores.
 
     python examples/train_demo.py                                                   # the committed checkpoint
@@ -12,76 +14,78 @@ training on two CPU cores.
 """
 
 import argparse
+import io
 import json
-import string
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import sentencepiece
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaImageProcessorPil, PreTrainedTokenizerFast
 
 from dense_connector import DenseConnectorConfig, DenseConnectorForConditionalGeneration, DenseConnectorProcessor
 from dense_connector.chat_templates import CHAT_TEMPLATES, VICUNA_V1_SYSTEM, stop_token_ids
-from dense_connector.demo_data import IMAGE_SIZE, demo_sample, evaluate, make_splits, to_conversation
+from dense_connector.demo_data import (
+    HELDOUT_SEED,
+    IMAGE_SIZE,
+    demo_sample,
+    evaluate,
+    make_examples,
+    make_splits,
+    to_conversation,
+)
 from dense_connector.training import command as finetune
+from dense_connector.writing.tokenizer import convert_tokenizer
 
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "dense_connector" / "demo"
 PATCH_SIZE = 16  # a 4x4 grid of image tokens: each quadrant of the scene is 2x2 tokens
-VOCAB_SIZE = 320
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
+VOCAB_SIZE = 640  # 3 special and 256 byte pieces, the demo's characters, words and word pieces
 
 
-def text_starts_after_placeholders(tokenizer: Tokenizer) -> Tokenizer:
-    """`tokenizer` with text after `<image>` / `<video>` tokenised as the start of a text, as the processor does (it
-    tokenises the chunks between placeholders one by one), so that a whole prompt gets the processor's ids: a chunk
-    that does not start with a space gets the "▁" Metaspace puts in front of a text. The same after a `<s>` that
-    starts the text (the chat template writes it), so a chat tokenised without special tokens gets the ids of its
-    prompt with the BOS added. These tokens are matched after normalisation, so that the normalizer sees them; the
-    vocabulary is untouched."""
-    placeholders = ("<image>", "<video>")
-    ends_chunk = "|".join(placeholders)
-    tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.Replace(Regex(f"{token}(?![ ▁]|{ends_chunk}|\\z)"), token + "▁") for token in placeholders]
-        + [normalizers.Replace(Regex(f"\\A<s>(?![ ▁]|{ends_chunk}|\\z)"), "<s>▁")]
-    )
-    state = json.loads(tokenizer.to_str())
-    for token in state["added_tokens"]:
-        token["normalized"] = token["content"] in (*placeholders, "<s>")
-    return Tokenizer.from_str(json.dumps(state))
-
-
-def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    """A small BPE tokenizer trained on the demo's conversations, SentencePiece-like (`▁` word prefix, `<s>` BOS).
-
-    Every frequent word of the prompts and answers becomes one token (`" ASSISTANT:"` is one token instead of nine
-    with a generic 1000-piece vocabulary), which keeps sequences short enough to train on two CPU cores in minutes;
-    any other printable ASCII text still tokenises, character by character.
-    """
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(
+def train_sentencepiece(texts: list[str], folder: Path) -> None:
+    """A SentencePiece BPE `tokenizer.model` trained on the demo's text with Llama's (and so Vicuna's) settings:
+    byte fallback (any text tokenises, byte by byte where no piece fits), digits split, no normalisation, spaces
+    kept, a dummy prefix, `<unk>` `<s>` `</s>` at ids 0, 1, 2 and no pad piece; and Vicuna's slow-tokenizer config
+    (`LlamaTokenizer`, `legacy: false`). Every frequent word of the prompts and answers becomes one piece, which
+    keeps sequences short enough to train on two CPU cores in minutes."""
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        model_type="bpe",
         vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=[*string.printable.strip(), "\n", "▁"],
-        show_progress=False,
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
     )
-    tokenizer.train_from_iterator(texts, trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=text_starts_after_placeholders(tokenizer),
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        additional_special_tokens=["<image>", "<video>"],
-        padding_side="left",  # for batched generation; the training collator pads its batches itself
-    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
+              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
+              "clean_up_tokenization_spaces": False}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def build_tokenizer(texts: list[str], folder: Path) -> PreTrainedTokenizerFast:
+    """The demo's SentencePiece tokenizer (`train_sentencepiece`, written to `folder`) as the fast tokenizer that
+    `dense-connector convert` makes of a Vicuna one: the package's converter, so the fast tokenizer gives the
+    SentencePiece model's ids (the original slow tokenizer's), with `<image>` / `<video>` after the vocabulary,
+    `<unk>` as the pad token (as Vicuna's training pads) and left padding."""
+    train_sentencepiece(texts, folder)
+    return convert_tokenizer(folder, {})
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast, connector: str) -> DenseConnectorProcessor:
@@ -136,7 +140,7 @@ def build_model(
     model = DenseConnectorForConditionalGeneration(config)
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, "vicuna_v1")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.max_new_tokens = 8
+    model.generation_config.max_new_tokens = 16
     return model
 
 
@@ -174,11 +178,10 @@ def main() -> None:
         for example in train_examples
         for question, answer in zip(example.questions, example.answers)
     ]
-    processor = build_processor(build_tokenizer(texts), args.connector)
-    model = build_model(processor, args.connector, args.seed)
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        processor = build_processor(build_tokenizer(texts, tmp / "tokenizer"), args.connector)
+        model = build_model(processor, args.connector, args.seed)
         data_path = write_training_data(train_examples, tmp / "data")
         model.save_pretrained(tmp / "init")
         processor.save_pretrained(tmp / "init")
@@ -207,18 +210,21 @@ def main() -> None:
             ]
         )  # fmt: skip
         train_seconds = time.perf_counter() - start
-        trained = trainer.model
+        trainer.model.save_pretrained(args.output_dir)
+        processor.save_pretrained(args.output_dir)
+        # The SentencePiece model beside its fast conversion, as in a Vicuna repository, for tools that read it.
+        shutil.copy(tmp / "tokenizer" / "tokenizer.model", args.output_dir)
 
-    trained.save_pretrained(args.output_dir)
-    processor.save_pretrained(args.output_dir)
     model = AutoModelForImageTextToText.from_pretrained(args.output_dir).eval()
     processor = AutoProcessor.from_pretrained(args.output_dir)
-    accuracy, per_type = evaluate(model, processor, heldout_examples)
     if not args.no_sample:
         demo_sample().image.save(DEMO_DIR / "sample.png")
     print(f"connector={args.connector}: trained in {train_seconds:.0f} s on {torch.get_num_threads()} CPU threads")
-    print(f"held-out exact-match accuracy: {accuracy:.1%} on {len(heldout_examples)} questions")
-    print("per question type: " + ", ".join(f"{kind} {value:.1%}" for kind, value in per_type.items()))
+    heldout_phrasings = make_examples(args.num_heldout, HELDOUT_SEED + 1, phrasings="heldout")
+    for name, examples in (("canonical", heldout_examples), ("held-out", heldout_phrasings)):
+        accuracy, per_type = evaluate(model, processor, examples)
+        print(f"held-out images, {name} phrasings: exact match {accuracy:.1%} on {len(examples)} questions; "
+              + ", ".join(f"{kind} {value:.1%}" for kind, value in per_type.items()))  # fmt: skip
     print(f"saved to {args.output_dir}")
 
 

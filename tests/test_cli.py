@@ -1,4 +1,5 @@
-"""The `dense-connector` command line: chat, interactive chat, demo, convert delegation, one-line errors."""
+"""The `dense-connector` command line: chat, interactive chat, demo, convert delegation, one-line errors, a fast
+`--help`, `--version`, descriptions for every subcommand."""
 
 import contextlib
 import functools
@@ -10,6 +11,8 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from tiny import FIXTURES
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import dense_connector
-from dense_connector import checkpoints, cli
+from dense_connector import chat_command, checkpoints, cli
 from dense_connector.conversion import convert_checkpoint
 
 
@@ -129,7 +132,7 @@ def test_interactive_keeps_the_conversation(capsys, monkeypatch, folder, image_p
 )
 def test_interactive_questions_end_at_exit_empty_line_or_eof(monkeypatch, first, lines, expected):
     monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
-    assert list(cli.read_questions(first)) == expected
+    assert list(chat_command.read_questions(first)) == expected
 
 
 @contextlib.contextmanager
@@ -138,17 +141,18 @@ def fake_bundle(checkpoint: Path, sample: Path):
 
 
 def test_demo_uses_the_bundled_checkpoint_and_image(capsys, monkeypatch, folder, image_paths, reply):
-    monkeypatch.setattr(cli, "bundled_demo", lambda: fake_bundle(folder, image_paths[2]))
+    monkeypatch.setattr(chat_command, "bundled_demo", lambda: fake_bundle(folder, image_paths[2]))
     code, out, err = run(capsys, "demo")
     assert code == 0
     # Without --max-new-tokens the checkpoint's generation config (max_new_tokens=8) decides.
-    assert out.strip() == reply([user(cli.DEMO_QUESTION, image_paths[2])], max_new_tokens=8)
-    assert out.strip() != reply([user(cli.DEMO_QUESTION, image_paths[2])], max_new_tokens=6)
+    assert out.strip() == reply([user(chat_command.DEMO_QUESTION, image_paths[2])], max_new_tokens=8)
+    assert out.strip() != reply([user(chat_command.DEMO_QUESTION, image_paths[2])], max_new_tokens=6)
     assert "asking" in err
 
 
 def test_demo_overrides_and_missing_bundle(capsys, monkeypatch, tmp_path, folder, image_paths, reply):
-    monkeypatch.setattr(cli, "bundled_demo", lambda: fake_bundle(tmp_path / "checkpoint", tmp_path / "sample.png"))
+    missing = tmp_path / "checkpoint", tmp_path / "sample.png"
+    monkeypatch.setattr(chat_command, "bundled_demo", lambda: fake_bundle(*missing))
     code, _, err = run(capsys, "demo")
     assert code == 1
     expected = f"the demo checkpoint is not bundled with this install (expected {tmp_path / 'checkpoint'})"
@@ -159,7 +163,7 @@ def test_demo_overrides_and_missing_bundle(capsys, monkeypatch, tmp_path, folder
 
 
 def test_bundled_demo_is_package_data():
-    with cli.bundled_demo() as (checkpoint, sample):
+    with chat_command.bundled_demo() as (checkpoint, sample):
         package = Path(dense_connector.__file__).parent
         assert (checkpoint, sample) == (package / "demo" / "checkpoint", package / "demo" / "sample.png")
 
@@ -169,11 +173,11 @@ def test_convert_runs_the_conversion_command_line(capsys, tmp_path):
         cli.main(["convert", "--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("usage: dense-connector convert [-h] --original ORIGINAL")
-    code, out, err = run(
-        capsys, "--debug", "convert", "--original", tmp_path / "missing", "--output", tmp_path / "out"
-    )
-    assert code == 2 and out == ""
-    assert err.count("\n") == 1 and err.startswith("error: ") and str(tmp_path / "missing") in err
+    code, out, err = run(capsys, "convert", "--original", tmp_path / "missing", "--output", tmp_path / "out")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith("dense-connector: error: ") and str(tmp_path / "missing") in err
+    with pytest.raises(chat_command.UsageError, match="neither a local folder nor a Hub repository id"):
+        cli.main(["convert", "--debug", "--original", str(tmp_path / "missing"), "--output", str(tmp_path / "out")])
 
 
 @pytest.mark.parametrize(
@@ -183,6 +187,9 @@ def test_convert_runs_the_conversion_command_line(capsys, tmp_path):
         ("not_an_image", "{tmp}/notes.txt is not an image that Pillow can read"),
         ("no_config", "{tmp} is not a Hugging Face checkpoint folder (it has no config.json)"),
         ("missing_folder", "no such folder: {tmp}/nowhere"),
+        ("mistyped_folder", "no such folder: dense-connector-7b (and not a Hub id, owner/name)"),
+        ("image_folder", "{tmp} is a folder; give one image file per --image"),
+        ("blank_question", "the question is blank"),
         ("original_checkpoint", "is an original Dense Connector checkpoint; convert it first with"),
         ("other_model", "is a 'clip_vision_model' checkpoint, not a Dense Connector one"),
         (
@@ -215,6 +222,12 @@ def test_errors_are_one_clear_line(capsys, tmp_path, folder, image_paths, case, 
         save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
     elif case == "no_question":
         question = []
+    elif case == "mistyped_folder":  # no ./ in front: not an owner/name Hub id either, so refused at once
+        model = "dense-connector-7b"
+    elif case == "image_folder":
+        image = tmp_path
+    elif case == "blank_question":
+        question = ["   "]
     code, out, err = run(capsys, "chat", "--model", model, "--image", image, *question)
     assert code == 1 and out == ""
     *progress, error = err.splitlines()
@@ -243,7 +256,7 @@ def test_hub_checkpoint_in_the_original_format_gets_the_conversion_hint(capsys, 
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    with pytest.raises(cli.UsageError, match="image not found"):
+    with pytest.raises(chat_command.UsageError, match="image not found"):
         cli.main(["chat", "--debug", "--model", str(tmp_path), "--image", str(tmp_path / "missing.png"), "Why?"])
 
 
@@ -263,3 +276,72 @@ def test_installed_command_reports_an_unreachable_hub_id(tmp_path, image_paths):
     assert result.stderr.splitlines()[-1].startswith(
         "dense-connector: error: cannot load no-such-org/no-such-model from the Hugging Face Hub: "
     )
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """`dense-connector --help` and `--version` run without importing torch or transformers (the console script loads
+    cli.py without the package); the time is printed, not asserted."""
+    command = str(Path(sys.executable).with_name("dense-connector"))
+    for flag in ("--help", "--version"):
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, "-X", "importtime", command, flag], capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        assert result.returncode == 0, result.stderr[-2000:]
+        imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
+        assert not imported & {"torch", "transformers", "dense_connector"}, sorted(imported)
+        print(f"dense-connector {flag}: {seconds:.2f} s")
+    assert result.stdout.strip() == f"dense-connector {metadata.version('dense-connector')}"
+    help_text = subprocess.run([command, "--help"], capture_output=True, text=True).stdout
+    for name, entry in cli.COMMANDS.items():
+        assert f"    {name}" in help_text and entry.help.split()[0] in help_text
+
+
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_every_command_has_a_plain_description(capsys, name):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([name, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: dense-connector {name} ")
+    description = " ".join(out.split("\n\n")[1].split())
+    assert description == " ".join(cli.COMMANDS[name].description.split()), description
+    assert "--debug" in out and "`" not in description
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["chat", "--model", "{missing}", "Why?"],
+        ["demo", "--model", "{missing}"],
+        ["eval", "--model", "{missing}"],
+        ["web", "--model", "{missing}"],
+        ["attention-maps", "--model", "{missing}", "--image", "{image}", "--output", "{tmp}/maps.png"],
+        ["convert", "--original", "{missing}", "--output", "{tmp}/out"],
+        ["build", "--vision-tower", "{missing}", "--language-model", "{missing}", "--output", "{tmp}/out"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_a_missing_local_folder_is_refused_at_once_everywhere(capsys, monkeypatch, tmp_path, image_paths, argv):
+    """A mistyped folder, with or without ./ (`runs/typo` under an existing `runs/`), is not taken for a Hub id:
+    one line at once, no download attempt."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr(checkpoints, "hf_hub_download", lambda *a, **k: pytest.fail("tried the Hub"))
+    for missing in ("dense-connector-7b", "runs/typo"):
+        values = {"missing": missing, "image": image_paths[0], "tmp": tmp_path}
+        code, out, err = run(capsys, *(arg.format(**values) for arg in argv))
+        assert code == 1 and out == ""
+        error = err.splitlines()[-1]
+        assert error.startswith("dense-connector: error: ") and missing in error, err
+        assert "neither a local folder nor a Hub repository id" in error or "no such folder" in error, error
+
+
+def test_missing_extras_get_the_same_install_hint(capsys, monkeypatch):
+    """The package is not on PyPI: every hint says to install the extra from the clone, in one form."""
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as without the web extra
+    monkeypatch.setitem(sys.modules, "lmms_eval", None)  # as without the eval extra
+    with chat_command.bundled_demo() as (checkpoint, _):
+        for argv, extra in ((["web"], "web"), (["eval", "--model", str(checkpoint)], "eval")):
+            code, _, err = run(capsys, *argv)
+            assert code == 1
+            assert err.strip().endswith(f'pip install -e ".[{extra}]" in a clone of the repository'), err

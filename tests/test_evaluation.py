@@ -137,8 +137,9 @@ def test_incomplete_checkpoint_is_refused_not_scored(tmp_path, capsys):
         load_pretrained(str(incomplete))
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"question_id": 1, "image": "x.png", "text": "Why?"}) + "\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
     argv = ["eval", "--model", str(incomplete), "--question-file", str(questions), "--answers-file",
-            str(tmp_path / "answers.jsonl")]  # fmt: skip
+            str(tmp_path / "answers.jsonl"), "--image-folder", str(tmp_path)]  # fmt: skip
     assert main(argv) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("dense-connector: error: ") and "is incomplete or does not match its config" in error
@@ -212,3 +213,24 @@ def test_benchmarks_without_lmms_eval_say_how_to_install_it(monkeypatch, capsys)
 def test_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path), "--question-file", "q.jsonl", "--answers-file", "a.jsonl"]) == 1
     assert "has no config.json" in capsys.readouterr().err
+
+
+def test_nothing_half_written(demo_files, tmp_path, capsys):
+    """A missing image is reported before the model loads; a run stopped midway (an unreadable image in the second
+    batch) leaves no partial answer file, and an earlier complete one untouched: the file is written atomically."""
+    folder, questions = demo_files
+    images = tmp_path / "images"
+    shutil.copytree(folder / "images", images)
+    answers = tmp_path / "answers.jsonl"
+    argv = ["eval", "--model", str(CHECKPOINT), "--question-file", str(folder / "questions.jsonl")]
+    argv += ["--image-folder", str(images), "--answers-file", str(answers), "--no-progress", "--batch-size", "2"]
+    (images / questions[5]["image"]).unlink()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"question {questions[5]['question_id']}: image" in err and "1 of 12" in err
+    assert "loading" not in err and not answers.exists()
+    (images / questions[5]["image"]).write_text("not an image")
+    answers.write_text("an earlier, complete file\n")
+    assert main(argv) == 1
+    assert answers.read_text() == "an earlier, complete file\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["answers.jsonl", "images"]

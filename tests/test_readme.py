@@ -7,15 +7,11 @@ need the network, a GPU, a real checkpoint or a long run). Python blocks run in-
 bash blocks run with `bash -eo pipefail`, the virtual environment's `bin/` first on PATH and stdin closed (so an
 `--interactive` chat ends after its first answer).
 
-Both run in a temporary working directory that holds what the README's examples refer to:
-
-- `dense-connector-7b/`: a tiny randomly initialised Dense Connector saved with `save_pretrained` (model, processor,
-  `vicuna_v1` chat template, remote code), standing in for the output of `dense-connector convert`;
-- `photo.jpg`, `photo2.jpg`: two small images;
-- `examples/`, `conversion_scripts/`, `bench/`: links to the repository's folders, and `../shared/`: a link to the
-  reference fixtures beside the clone, so that commands written for the repository root run as written.
-
-The bundled demo (`dense-connector demo`) runs as installed, on the real bundled checkpoint.
+Both run as written from the repository root, on the bundled demo checkpoint (`dense_connector/demo/checkpoint`,
+its sample image, `examples/data/`), as each page says at its top: in a temporary working directory holding links to
+the repository's `dense_connector/`, `examples/`, `conversion_scripts/` and `bench/`, and `../shared/`, a link to the
+reference fixtures beside the clone (converting.md's examples), so that what the examples write lands there and not
+in the repository.
 """
 
 import os
@@ -26,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from PIL import Image
-from saved_checkpoint import save_images, save_tiny_checkpoint
 from tiny import REPO
 
 
@@ -122,10 +116,7 @@ def workdir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("readme") / "repo"
     folder.mkdir()
     (folder.parent / "shared").symlink_to(REPO.parent / "shared")
-    save_tiny_checkpoint(folder / "dense-connector-7b")
-    for index, path in enumerate(save_images(folder, count=2)):
-        Image.open(path).convert("RGB").save(folder / ("photo.jpg" if index == 0 else f"photo{index + 1}.jpg"))
-    for name in ("examples", "conversion_scripts", "bench"):
+    for name in ("dense_connector", "examples", "conversion_scripts", "bench"):
         (folder / name).symlink_to(REPO / name)
     return folder
 
@@ -146,6 +137,14 @@ def test_readme_snippet_runs(snippet, workdir, monkeypatch):
         timeout=300,
     )
     assert result.returncode == 0, f"{snippet.page}:{snippet.line} failed:\n{result.stdout}\n{result.stderr}"
+
+
+def test_what_the_examples_write_is_ignored_by_git(workdir):
+    """Run from the repository root, what the snippets above wrote must not show up in `git status`."""
+    written = [path.name + ("/" if path.is_dir() else "") for path in workdir.iterdir() if not path.is_symlink()]
+    result = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=REPO, capture_output=True, text=True)
+    not_ignored = set(written) - set(result.stdout.split())
+    assert not not_ignored, f"add to .gitignore: {sorted(not_ignored)}"
 
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")

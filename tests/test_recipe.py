@@ -8,46 +8,27 @@ code), clearly better than the built model did."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
 from tiny import REPO, run_without_package
-from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionModel, LlamaForCausalLM
 
 from dense_connector.demo_data import make_splits, to_conversation
 
 
-DEMO_CHECKPOINT = REPO / "dense_connector" / "demo" / "checkpoint"
+sys.path.insert(0, str(REPO / "examples"))
+import tiny_parts  # noqa: E402  (examples/tiny_parts.py, which docs/training.md runs as a script)
+
+
 TRAIN_IMAGES, HELDOUT_QUESTIONS = 1000, 80
 
 
 def demo_sized_parts(folder) -> tuple:
-    """Hub-like parts of the demo's shape: a vision-only 4-layer CLIP repository (64 px, 16 px patches) holding the
-    demo's trained tower, a pretrained encoder as the paper's towers are (its last layer, never read, keeps
-    transformers' random initialisation), and an untrained 2-layer Llama (transformers' initialisation, seeded) with
-    the demo's tokenizer (a small vocabulary that covers the shapes questions)."""
-    config = AutoConfig.from_pretrained(DEMO_CHECKPOINT)
-    tower, language_model = folder / "tower", folder / "lm"
-    torch.manual_seed(1)
-    vision_model = CLIPVisionModel(config.vision_config)
-    prefix = "model.vision_tower."
-    trained = {name[len(prefix) :]: tensor for name, tensor in load_file(
-        DEMO_CHECKPOINT / "model.safetensors").items() if name.startswith(prefix)}  # fmt: skip
-    missing, unexpected = vision_model.load_state_dict(trained, strict=False)
-    assert not unexpected and all(".layers.3." in name for name in missing), (missing, unexpected)
-    vision_model.save_pretrained(tower)
-    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size=64).save_pretrained(tower)
-    torch.manual_seed(2)
-    LlamaForCausalLM(config.text_config).save_pretrained(language_model)
-    shutil.copyfile(DEMO_CHECKPOINT / "tokenizer.json", language_model / "tokenizer.json")
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-                        "unk_token": "<unk>", "pad_token": "<pad>"}  # fmt: skip
-    (language_model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    return tower, language_model
+    """Hub-like parts of the demo's shape (`examples/tiny_parts.py`, as docs/training.md's miniature uses them): the
+    demo's trained 4-layer tower as a vision-only CLIP repository, and an untrained 2-layer Llama with the demo's
+    SentencePiece tokenizer in Vicuna's layout."""
+    return tiny_parts.write_parts(folder)
 
 
 def built_model(tmp_path):

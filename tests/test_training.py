@@ -10,6 +10,7 @@ from tiny import llama_3_tokenizer_folder, tiny_config, tiny_model, tiny_process
 
 from dense_connector import DenseConnectorProcessor
 from dense_connector.chat_templates import CHAT_TEMPLATES
+from dense_connector.checkpoints import UsageError
 from dense_connector.conversion import convert_tokenizer
 from dense_connector.training import (
     IGNORE_INDEX,
@@ -408,3 +409,13 @@ def test_unusable_records_are_refused_naming_the_record_and_field(tmp_path):
         chat([{"conversations": caption[:1]}])
     text_only = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
     assert chat([text_only])["input_ids"].shape[0] == 1  # text-only records are fine outside `plain`
+
+
+def test_finetune_refuses_a_missing_folder_at_once(tmp_path, monkeypatch):
+    """A mistyped folder (no ./, not owner/name) is refused before anything loads, not tried on the Hub."""
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data.json"
+    data.write_text("[]")
+    args = finetune_args("dense-connector-7b", data, tmp_path / "out", "projector", 1)
+    with pytest.raises(UsageError, match="no such folder: dense-connector-7b"):
+        command.train(args)

@@ -82,7 +82,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-shard-size", type=parse_size, default=5 * 10**9, help="largest output shard (default: 5GB)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,9 @@
 `conversion_scripts/convert_dense_connector_to_hf.py` and `dense-connector convert`.
 
 This module owns the arguments, their parsing (sizes like `5GB`), and running a parsed command line: a refused
-checkpoint exits with status 2 and its message, and a termination signal cleans up as Ctrl-C does.
+checkpoint exits with status 2 and its message (`error: ...`) from the script, and as a `UsageError` from
+`dense-connector convert` (one line, `dense-connector: error: ...`, status 1, as its other subcommands); a
+termination signal cleans up as Ctrl-C does.
 """
 
 import argparse
@@ -45,8 +47,24 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """Run a parsed command line; returns the exit status (2 with a message when the checkpoint is refused).
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`dense-connector convert`'s arguments."""
+    build_parser(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`dense-connector convert`: a refused checkpoint is a `UsageError`, reported as the other subcommands' are."""
+    from ..checkpoints import UsageError
+
+    try:
+        return run_from_args(args, refuse=True)
+    except CheckpointError as error:
+        raise UsageError(str(error)) from error
+
+
+def run_from_args(args: argparse.Namespace, refuse: bool = False) -> int:
+    """Run a parsed command line; returns the exit status (2 with a message when the checkpoint is refused, or the
+    `CheckpointError` raised with `refuse=True`).
 
     A termination signal (`kill`) is turned into an exit that cleans up like Ctrl-C does.
     """
@@ -67,6 +85,8 @@ def run_from_args(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
             )
     except CheckpointError as error:
+        if refuse:
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Converted model written to {folder}")

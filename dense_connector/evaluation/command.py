@@ -11,12 +11,12 @@ file per GPU, merged in order, as the original scripts do.
 import argparse
 from pathlib import Path
 
-from ..checkpoints import UsageError, check_checkpoint
+from ..checkpoints import DEFAULT_MAX_NEW_TOKENS, MODEL_HELP, UsageError, check_checkpoint, install_hint
 from .generator import GenerationSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="converted checkpoint: a local folder or a Hub id")
+    parser.add_argument("--model", help=MODEL_HELP)
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default 8)")
     parser.add_argument("--gpus", help="comma-separated GPU ids to spread the work over, e.g. 0,1,2,3")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: the checkpoint's)")
@@ -39,7 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     llava.add_argument("--answers-file", type=Path, help="answer file to write (.jsonl)")
     llava.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many chunks")
     llava.add_argument("--chunk-idx", type=int, default=0, help="answer only this chunk (0-based)")
-    llava.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
+    llava.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"longest answer in tokens (default: the checkpoint's generation config, else {DEFAULT_MAX_NEW_TOKENS})",
+    )
     llava.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     llava.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -53,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         folders = write_demo_data(args.write_demo_data)
         print("wrote " + ", ".join(str(folder) for folder in folders))
         if len(folders) == 1:
-            print('(the lmms-eval datasets need the eval extra: pip install -e ".[eval]")')
+            print(f"(the lmms-eval datasets need the eval extra: {install_hint('eval')})")
         return 0
     if not args.model:
         raise UsageError("give --model (a converted checkpoint folder or Hub id)")
@@ -66,28 +70,32 @@ def run(args: argparse.Namespace) -> int:
 
 def answer_questions(args: argparse.Namespace, gpus: list[str]) -> int:
     from .generator import Answerer, load_pretrained
-    from .llava_format import answer_file, chunk, model_id, read_questions, run_on_gpus
+    from .llava_format import answer_file, check_images, chunk, model_id, read_questions, run_on_gpus
 
     if not args.answers_file:
         raise UsageError("give --answers-file for the answers to --question-file")
     if not args.question_file.is_file():
         raise UsageError(f"question file not found: {args.question_file}")
+    try:
+        questions = read_questions(args.question_file)
+        check_images(questions, args.image_folder)  # before any model loads
+        questions = chunk(questions, args.num_chunks, args.chunk_idx)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from error
     if len(gpus) > 1:
         base = ["--model", args.model, "--question-file", str(args.question_file)]
         base += ["--image-folder", str(args.image_folder), "--batch-size", str(args.batch_size), "--dtype", args.dtype]
-        base += ["--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature)]
+        base += ["--temperature", str(args.temperature)]
+        base += ["--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens else []
         run_on_gpus(base + (["--no-progress"] if args.no_progress else []), gpus, args.answers_file)
         return 0
-    try:
-        questions = chunk(read_questions(args.question_file), args.num_chunks, args.chunk_idx)
-    except ValueError as error:
-        raise UsageError(str(error)) from error
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     device = f"cuda:{gpus[0]}" if gpus else args.device
     try:
         answerer = Answerer(*load_pretrained(args.model, device, args.dtype))
     except ValueError as error:  # an incomplete checkpoint, or a processor without a chat template
         raise UsageError(str(error)) from error
+    longest = args.max_new_tokens or answerer.model.generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    settings = GenerationSettings(max_new_tokens=longest, temperature=args.temperature)
     count = answer_file(
         answerer,
         questions,
@@ -106,7 +114,7 @@ def run_lmms_eval(args: argparse.Namespace, gpus: list[str]) -> int:
     try:
         import lmms_eval  # noqa: F401
     except ImportError as error:
-        raise UsageError('lmms-eval is not installed; install the eval extra: pip install -e ".[eval]"') from error
+        raise UsageError(f"lmms-eval is not installed; install the eval extra: {install_hint('eval')}") from error
     from .benchmarks import identify_release, parse_benchmarks, run_benchmarks
 
     try:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from ..checkpoints import DEFAULT_MAX_NEW_TOKENS
 from ..writing.verify import loading_problems
 
 
@@ -20,7 +21,7 @@ from ..writing.verify import loading_problems
 class GenerationSettings:
     """How to decode. `until` holds strings that end an answer (cut off, as lmms-eval expects)."""
 
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float | None = None
     num_beams: int = 1

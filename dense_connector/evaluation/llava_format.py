@@ -6,6 +6,10 @@ The answer file gets one record per question, in question order, in the original
 (the question text), `text` (the answer), `answer_id`, `model_id` (the checkpoint folder's name), `metadata` (`{}`),
 so the official scoring scripts (GQA's `eval.py`, POPE, MME, TextVQA) read it unchanged.
 
+The answer file is written atomically: to a hidden file beside it, moved into place only when every question is
+answered, so a run stopped by an error or Ctrl-C leaves no partial answer file (and an older complete one untouched);
+missing images are reported before the model loads.
+
 Several GPUs split the questions into contiguous chunks as the original scripts do (`--num-chunks`/`--chunk-idx`: one
 process per chunk, then the chunk files are concatenated in order); `run_on_gpus` does all of that in one call.
 """
@@ -22,6 +26,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from ..writing.staging import staged_file
 from .generator import Answerer, GenerationSettings
 
 
@@ -61,6 +66,18 @@ def model_id(model_path: str) -> str:
     return parts[-1]
 
 
+def check_images(records: list[dict], image_folder: str | Path) -> None:
+    """Raise FileNotFoundError naming the first question whose image is missing (and how many are), before any
+    answering starts."""
+    missing = [r for r in records if r.get("image") and not (Path(image_folder) / r["image"]).is_file()]
+    if missing:
+        first = missing[0]
+        raise FileNotFoundError(
+            f"question {first['question_id']}: image {Path(image_folder) / first['image']} not found ({len(missing)} "
+            f"of {len(records)} questions have no image file; check --image-folder)"
+        )
+
+
 def load_images(record: dict, image_folder: str | Path) -> list[Image.Image]:
     if not record.get("image"):
         return []
@@ -86,9 +103,14 @@ def answer_file(
     batch_size: int = 8,
     progress: bool = True,
 ) -> int:
-    """Answer `questions` in batches and write the answer file; returns the number of answers written."""
-    Path(answers_file).parent.mkdir(parents=True, exist_ok=True)
-    with open(answers_file, "w") as out, tqdm(total=len(questions), desc="answering", disable=not progress) as bar:
+    """Answer `questions` in batches and write the answer file (atomically: complete or not at all); returns the
+    number of answers written."""
+    check_images(questions, image_folder)
+    with (
+        staged_file(Path(answers_file)) as staging,
+        open(staging, "w") as out,
+        tqdm(total=len(questions), desc="answering", disable=not progress) as bar,
+    ):
         for batch in batches(questions, batch_size):
             images = [load_images(record, image_folder) for record in batch]
             texts = answerer.answer(images, [record["text"] for record in batch], settings)
@@ -129,6 +151,6 @@ def run_on_gpus(argv: list[str], gpus: list[str], answers_file: str | Path) -> N
     failed = [gpu for gpu, process in zip(gpus, processes) if process.wait() != 0]
     if failed:
         raise RuntimeError(f"the processes on GPU(s) {', '.join(failed)} failed; see their messages above")
-    with open(answers_file, "w") as merged:
+    with staged_file(Path(answers_file)) as staging, open(staging, "w") as merged:
         for path in files:
             merged.write(path.read_text())

@@ -19,7 +19,7 @@ doc_to_visual: !function dense_connector.evaluation.shapes_task.doc_to_visual
 doc_to_text: !function dense_connector.evaluation.shapes_task.doc_to_text
 doc_to_target: answer
 generation_kwargs:
-  max_new_tokens: 8
+  max_new_tokens: 16  # the longest demo answer, a one-shape caption, is 7 tokens
   temperature: 0
   do_sample: false
 process_results: !function dense_connector.evaluation.shapes_task.process_results

@@ -1,6 +1,6 @@
 """Arguments and entry point of `dense-connector export`: a checkpoint as a stock LLaVA folder or llama.cpp GGUF files.
 
-`cli.py` only registers the subcommand with `add_arguments` and calls `run`; torch, transformers and gguf are imported
+`cli.py` registers the subcommand (`add_arguments`) and calls `run`; torch, transformers and gguf are imported
 inside `run`, so that `dense-connector --help` stays fast. A refused checkpoint is reported as a `UsageError` (one
 line, nothing written).
 """
@@ -28,7 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
 def run(args: argparse.Namespace) -> int:

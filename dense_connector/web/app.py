@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
-from dense_connector.checkpoints import bundled_demo, load_checkpoint
+from dense_connector.checkpoints import DEFAULT_MAX_NEW_TOKENS, bundled_demo, load_checkpoint
 from dense_connector.evaluation.generator import GenerationSettings
 from dense_connector.web.attention import draw_attention_grid, layer_attention
 from dense_connector.web.backends import BackendError, LocalBackend, OpenAIBackend
@@ -23,7 +23,6 @@ from dense_connector.web.backends import BackendError, LocalBackend, OpenAIBacke
 
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_FILE_SIZE = "25mb"  # uploads over this are refused by Gradio before they reach the handlers
-DEFAULT_MAX_NEW_TOKENS = 512
 
 
 def open_image(path: str, max_pixels: int) -> Image.Image:

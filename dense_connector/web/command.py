@@ -8,11 +8,19 @@ command line) works without the `web` extra; without it, `web` says which extra 
 import argparse
 from pathlib import Path
 
-from dense_connector.checkpoints import UsageError, bundled_demo, check_checkpoint, load_checkpoint, status
+from dense_connector.checkpoints import (
+    MODEL_HELP,
+    UsageError,
+    bundled_demo,
+    check_checkpoint,
+    install_hint,
+    load_checkpoint,
+    status,
+)
 
 
 def add_web_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="converted checkpoint: a local folder or a Hub id (default: the bundled demo)")
+    parser.add_argument("--model", help=MODEL_HELP + " (default: the bundled demo)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
     parser.add_argument("--device", default="auto", help="torch device, e.g. cpu or cuda (default: cuda if available)")
@@ -26,15 +34,13 @@ def add_web_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-image-pixels", type=int, default=None, help="largest upload accepted, in pixels (default 4096x4096)"
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
 def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="converted checkpoint: a local folder or a Hub id (default: the bundled demo)")
+    parser.add_argument("--model", help=MODEL_HELP + " (default: the bundled demo)")
     parser.add_argument("--image", required=True, help="the image to look at")
     parser.add_argument("--output", required=True, help="PNG file to write the grid of maps to")
     parser.add_argument("--device", default="auto", help="torch device, e.g. cpu or cuda (default: cuda if available)")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
 def default_model(model: str | None) -> str:
@@ -53,7 +59,7 @@ def web(args: argparse.Namespace) -> int:
         from dense_connector.web import app
     except ImportError as error:
         raise UsageError(
-            f"the web demo needs Gradio ({error}); install it with `pip install 'dense-connector[web]'`"
+            f"the web demo needs Gradio ({error}); install the web extra: {install_hint('web')}"
         ) from error
     if args.port < 0 or args.port > 65535:
         raise UsageError(f"--port must be between 0 and 65535, not {args.port}")

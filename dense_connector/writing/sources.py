@@ -28,6 +28,13 @@ class CheckpointError(ValueError):
     """The checkpoint cannot be converted faithfully; the message says what was found and what to do."""
 
 
+def is_hub_id(source: str | os.PathLike) -> bool:
+    """Whether `source` names a Hub repository (owner/name) rather than a local path: a path that does not exist,
+    shaped like a Hub id, but under an existing local folder (a mistyped `runs/model`) is a missing folder."""
+    text = str(source)
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", text)) and not Path(text.split("/")[0]).expanduser().is_dir()
+
+
 def resolve_source(source: str | os.PathLike, what: str, allow_patterns: list[str]) -> Path:
     """A local folder as is, or the files of a Hub repository matching `allow_patterns`, downloaded."""
     path = Path(source).expanduser()
@@ -35,7 +42,7 @@ def resolve_source(source: str | os.PathLike, what: str, allow_patterns: list[st
         return path
     if path.exists():
         raise CheckpointError(f"{what} {str(source)!r} is a file; pass the folder that holds it.")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+    if not is_hub_id(source):
         raise CheckpointError(
             f"{what} {str(source)!r} is neither a local folder nor a Hub repository id (owner/name)."
         )

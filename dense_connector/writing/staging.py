@@ -77,6 +77,23 @@ def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """A hidden file next to `path` to write, moved onto `path` (atomically, by `os.replace`) when the block ends
+    without error and removed on any failure, including Ctrl-C: `path` is either untouched or complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    staging = Path(name)
+    try:
+        yield staging
+        staging.chmod(0o666 & ~current_umask())  # mkstemp makes it private; the result should not be
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
 def parse_size(size: str) -> int:
     """'5GB', '500MB', '2GiB' or a number of bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B)?\s*", size.upper())
