@@ -85,12 +85,6 @@ def test_fixture_greedy_answer_starts_as_transformers(tmp_path):
     assert agreed >= 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the bundled demo's tokenizer (BPE without byte fallback) is not one llama.cpp's converter recognises; "
-    "the demo being retrained with a SentencePiece tokenizer converts, but llama.cpp answered it with EOS first "
-    "where transformers answers 3 (docs/export.md)",
-)
 def test_bundled_demo_answers_its_question_from_gguf_files(tmp_path):
     folder = export_gguf(DEMO / "checkpoint", tmp_path / "gguf")
     question = "How many shapes are there?"
