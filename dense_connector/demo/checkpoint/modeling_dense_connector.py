@@ -364,8 +364,10 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         mm_encoder_outputs = dict(mm_encoder_outputs or {})
-        if self.training:
-            kwargs.setdefault("use_cache", False)  # as the original; a cache also breaks activation recomputation
+        if self.training or (attention_mask is None and position_ids is not None and past_key_values is None):
+            # as the original; a cache also breaks activation recomputation, and it would turn off transformers'
+            # packed-sequence mask that position ids without an attention mask (padding-free rows) ask for
+            kwargs.setdefault("use_cache", False)
             if pixel_values is None and pixel_values_videos is None and not mm_encoder_outputs:
                 inputs_embeds = inputs_embeds + self._zero_image_term().to(inputs_embeds.dtype)
         if pixel_values is not None:
@@ -413,6 +415,10 @@ class DenseConnectorForConditionalGeneration(DenseConnectorPreTrainedModel, Gene
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    # In training with labels, `hidden_states_loss(last_hidden_state, lm_head, labels, **loss_kwargs)` (when set, e.g.
+    # by `--use_liger_kernel`) gives the loss instead of the head and `loss_function`, and no logits are returned: a
+    # chunked or fused cross-entropy need never hold the (tokens x vocabulary) logits.
+    hidden_states_loss = None
 
     def __init__(self, config: DenseConnectorConfig):
         super().__init__(config)
@@ -467,9 +473,12 @@ class DenseConnectorForConditionalGeneration(DenseConnectorPreTrainedModel, Gene
             mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
-        loss = None
-        if labels is not None:
+        loss = logits = None
+        if labels is not None and self.training and self.hidden_states_loss is not None:
+            loss = self.hidden_states_loss(outputs.last_hidden_state, self.lm_head, labels, **kwargs)
+        else:
+            logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        if labels is not None and loss is None:
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
