@@ -20,7 +20,7 @@ from .configuration_dense_connector import (
     NO_NAFLEX_VIDEO,
     DenseConnectorConfig,
     select_best_resolution,
-    side as side_of,
+    side,
     unpadded_grid_size,
 )
 from .connector_dense_connector import DenseConnector
@@ -250,7 +250,7 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
     ) -> list[int]:
         """Each image's number of valid patches, after refusing patch sequences the NaFlex tower cannot encode."""
         vision = self.config.vision_config
-        width = vision.num_channels * side_of(vision.patch_size) ** 2
+        width = vision.num_channels * side(vision.patch_size) ** 2
         if pixels.dim() != 3 or pixels.shape[-1] != width or pixel_attention_mask is None or spatial_shapes is None:
             raise ValueError(
                 f"This model's tower takes patch sequences (SigLIP 2 NaFlex): pixel_values of shape (num_images, "
@@ -261,7 +261,8 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         counts = [int(rows * cols) for rows, cols in spatial_shapes.tolist()]
         if len(counts) != len(pixels) or any(count > pixels.shape[1] for count in counts):
             raise ValueError(
-                f"spatial_shapes give {counts} patches for {len(pixels)} image(s) of at most {pixels.shape[1]} patches."
+                f"spatial_shapes give {counts} patches for {len(pixels)} image(s) of at most {pixels.shape[1]} "
+                "patches each; prepare images with the model's processor."
             )
         return counts
 
@@ -364,7 +365,7 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         vision, device = self.config.vision_config, self.vision_tower.device
         if self.config.takes_patch_sequences:  # one image of the tower's whole square position grid
             rows = math.isqrt(vision.num_patches)
-            size = (1, rows * rows, vision.num_channels * side_of(vision.patch_size) ** 2)
+            size = (1, rows * rows, vision.num_channels * side(vision.patch_size) ** 2)
             pixels = torch.zeros(size, device=device, dtype=self.vision_tower.dtype)
             grid = {
                 "pixel_attention_mask": torch.ones(size[:2], device=device, dtype=torch.long),

@@ -30,11 +30,11 @@ from transformers import (
     LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Siglip2Config,
+    Siglip2Model,
     SiglipConfig,
     SiglipImageProcessor,
     SiglipModel,
-    Siglip2Config,
-    Siglip2Model,
     SiglipVisionConfig,
     SiglipVisionModel,
 )

@@ -49,7 +49,8 @@ NAFLEX_PROCESSOR_FIELDS = ("resample", "do_rescale", "rescale_factor", "do_norma
 
 def naflex_settings(tower_folder: Path, vision_config) -> dict:
     """A NaFlex tower's preprocessing (SigLIP 2): its saved normalisation and patch budget (`max_num_patches`, else
-    the tower's `num_patches`), patches of the tower's size; each image is resized to its own grid within the budget."""
+    the tower's `num_patches`), patches of the tower's size; each image is resized to its own grid within the
+    budget."""
     path = tower_folder / "preprocessor_config.json"
     saved = read_json(path) if path.is_file() else {}
     settings = {key: saved[key] for key in NAFLEX_PROCESSOR_FIELDS if key in saved}
@@ -59,7 +60,8 @@ def naflex_settings(tower_folder: Path, vision_config) -> dict:
             f"The preprocessor config in {tower_folder} cuts {saved['patch_size']}-pixel patches but the tower's "
             f"patch_size is {patch_size}; give the tower's own repository."
         )
-    return {**settings, "patch_size": patch_size, "max_num_patches": saved.get("max_num_patches", vision_config.num_patches)}
+    budget = saved.get("max_num_patches", vision_config.num_patches)
+    return {**settings, "patch_size": patch_size, "max_num_patches": budget}
 
 
 def image_processor_settings(tower: str, tower_folder: Path, image_size: int) -> dict:

@@ -76,7 +76,8 @@ def tower_vision_config(tower_config: dict) -> tuple[dict, str]:
 SAME_ARCHITECTURE = {"metaclip_2_vision_model": "clip_vision_model"}
 SUPPORTED_TOWERS = (
     "patch-token ViT encoders: CLIP, MetaCLIP 2, SigLIP, SigLIP 2 (fixed resolution and NaFlex), DINOv2 (with or "
-    "without registers), DINOv3 ViT, AIMv2, MLCD, InternViT (internvl_vision), as full repositories or vision-only ones"
+    "without registers), DINOv3 ViT, AIMv2, MLCD, InternViT (internvl_vision), as full repositories or vision-only "
+    "ones"
 )
 # Towers that take patch sequences at each image's aspect ratio (`pixel_attention_mask`, `spatial_shapes`) rather than
 # square images: every token is a patch, padding trails each row.

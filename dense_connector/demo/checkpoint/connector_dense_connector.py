@@ -136,29 +136,42 @@ class DenseConnector(nn.Module):
         grid = F.interpolate(grid.float(), size=(size, size), mode="bilinear", align_corners=False)
         return grid.to(features.dtype).flatten(2).transpose(1, 2)
 
+    def pool(self, state: torch.Tensor) -> torch.Tensor:
+        """STI's average pooling along the tokens (no pooled token from fewer tokens than the stride)."""
+        if state.shape[1] < self.sti_pool_stride:
+            return state[:, :0]
+        return F.avg_pool1d(state.transpose(1, 2), self.sti_pool_stride, self.sti_pool_stride).transpose(1, 2)
+
     def fuse(self, final: torch.Tensor, extras: list[torch.Tensor]) -> torch.Tensor:
         """Combine `F` with the extra states: STI appends pooled tokens, SCI/DCI concatenate channels."""
         final, extras = self.downsample(final), [self.downsample(state) for state in extras]
         if self.connector_type == "sti":
-            pooled = [
-                F.avg_pool1d(state.transpose(1, 2), self.sti_pool_stride, self.sti_pool_stride).transpose(1, 2)
-                for state in extras
-            ]
-            return torch.cat([final, *pooled], dim=1)
+            return torch.cat([final, *(self.pool(state) for state in extras)], dim=1)
         return torch.cat([final, *extras], dim=-1)
 
     def forward(
-        self, vision_tower: nn.Module, pixel_values: torch.Tensor, **kwargs
-    ) -> tuple[ModelOutput, torch.Tensor]:
+        self, vision_tower: nn.Module, pixel_values: torch.Tensor, valid_tokens: list[int] | None = None, **kwargs
+    ) -> tuple[ModelOutput, torch.Tensor | list[torch.Tensor]]:
         """`(num_images, C, H, W)` pixels to the tower's outputs and `(num_images, tokens, text_hidden_size)` features.
 
-        `kwargs` (`output_hidden_states`, `output_attentions`) go to the tower, whose outputs are returned as it gives
-        them.
+        A tower that takes padded patch sequences (SigLIP 2 NaFlex) gets `valid_tokens`, each image's number of
+        valid patches (they lead its row): every image's states are then fused over its own valid patches only (STI
+        pools them alone) and the features come back as one `(tokens, text_hidden_size)` tensor per image. `kwargs`
+        (`output_hidden_states`, `output_attentions`, and a NaFlex tower's `pixel_attention_mask` and
+        `spatial_shapes`) go to the tower, whose outputs are returned as it gives them.
         """
         outputs, final, extras = self.collect_hidden_states(vision_tower, pixel_values, **kwargs)
-        fused = self.fuse(final, extras)
-        del final, extras  # the separate states are freed before the projector's wider activations
-        return outputs, self.projector(fused)
+        if valid_tokens is None:
+            fused = self.fuse(final, extras)
+            del final, extras  # the separate states are freed before the projector's wider activations
+            return outputs, self.projector(fused)
+        fused = [
+            self.fuse(final[i : i + 1, :count], [state[i : i + 1, :count] for state in extras])[0]
+            for i, count in enumerate(valid_tokens)
+        ]
+        del final, extras
+        projected = self.projector(torch.cat(fused))
+        return outputs, list(projected.split([len(features) for features in fused]))
 
 
 __all__ = ["DenseConnector", "encoder_layers"]

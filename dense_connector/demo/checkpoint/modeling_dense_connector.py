@@ -1,5 +1,6 @@
 """PyTorch Dense Connector model: a LLaVA-style model whose connector reads several vision-encoder layers."""
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -15,7 +16,13 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.hub import hf_api
 
-from .configuration_dense_connector import DenseConnectorConfig, select_best_resolution, unpadded_grid_size
+from .configuration_dense_connector import (
+    NO_NAFLEX_VIDEO,
+    DenseConnectorConfig,
+    select_best_resolution,
+    side,
+    unpadded_grid_size,
+)
 from .connector_dense_connector import DenseConnector
 
 
@@ -74,7 +81,7 @@ tags:
 
 A `{architecture}` ([Dense Connector](https://arxiv.org/abs/2405.13800), Yao et al., NeurIPS 2024): a
 `{tower}` vision tower whose hidden states `{layers}` are fused by the **{connector}** connector, projected,
-and fed to a `{language_model}` language model ({tokens} tokens per tower-sized image).
+and fed to a `{language_model}` language model ({tokens}).
 
 The modeling code ships with the weights; load it with `trust_remote_code=True`:
 
@@ -110,7 +117,9 @@ class DenseConnectorPreTrainedModel(PreTrainedModel):
             tower=config.vision_config.model_type,
             layers=config.dense_connector_layers or config.dense_connector_groups or "-",
             language_model=config.text_config.model_type,
-            tokens=config.num_image_tokens((config.tower_image_size,) * 2),
+            tokens="one token per valid patch of each image, at its own aspect ratio"
+            if config.takes_patch_sequences
+            else f"{config.num_image_tokens((config.tower_image_size,) * 2)} tokens per tower-sized image",
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
@@ -236,19 +245,58 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         if not pixels.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor (normalised pixels), got {pixels.dtype}.")
 
+    def _check_patch_sequences(
+        self, pixels: torch.Tensor, pixel_attention_mask: torch.Tensor | None, spatial_shapes: torch.Tensor | None
+    ) -> list[int]:
+        """Each image's number of valid patches, after refusing patch sequences the NaFlex tower cannot encode."""
+        vision = self.config.vision_config
+        width = vision.num_channels * side(vision.patch_size) ** 2
+        if pixels.dim() != 3 or pixels.shape[-1] != width or pixel_attention_mask is None or spatial_shapes is None:
+            raise ValueError(
+                f"This model's tower takes patch sequences (SigLIP 2 NaFlex): pixel_values of shape (num_images, "
+                f"max_num_patches, {width}) with pixel_attention_mask and spatial_shapes; got pixel_values of shape "
+                f"{tuple(pixels.shape)}{'' if spatial_shapes is not None else ' without spatial_shapes'}. Prepare "
+                "images with the model's processor."
+            )
+        counts = [int(rows * cols) for rows, cols in spatial_shapes.tolist()]
+        if len(counts) != len(pixels) or any(count > pixels.shape[1] for count in counts):
+            raise ValueError(
+                f"spatial_shapes give {counts} patches for {len(pixels)} image(s) of at most {pixels.shape[1]} "
+                "patches each; prepare images with the model's processor."
+            )
+        return counts
+
     @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
         """Encode images with the tower and project them into the LM's embedding space.
 
         `pixel_values` is `(num_images, C, H, W)`, or `(num_images, max_tiles, C, H, W)` with AnyRes, in which case
-        `image_sizes` (`(num_images, 2)`, original height and width) is required. As Llava's, the result holds the
-        tower's outputs (`last_hidden_state` of tower width, one row per image or AnyRes tile; `hidden_states` and
-        `attentions` when asked) and, in `pooler_output`, one `(tokens, text_hidden_size)` tensor per image: exactly
-        what replaces that image's placeholders.
+        `image_sizes` (`(num_images, 2)`, original height and width) is required. A tower that takes patch sequences
+        (SigLIP 2 NaFlex) gets `(num_images, max_num_patches, C*P*P)` with its `pixel_attention_mask` and
+        `spatial_shapes` (`(num_images, 2)` patch rows and columns); each image then gives one feature per valid patch
+        (more with STI). As Llava's, the result holds the tower's outputs (`last_hidden_state` of tower width, one row
+        per image or AnyRes tile; `hidden_states` and `attentions` when asked) and, in `pooler_output`, one
+        `(tokens, text_hidden_size)` tensor per image: exactly what replaces that image's placeholders.
         """
         kwargs = {k: v for k, v in kwargs.items() if k in TOWER_KWARGS}
+        if self.config.takes_patch_sequences:
+            counts = self._check_patch_sequences(pixel_values, pixel_attention_mask, spatial_shapes)
+            outputs, features = self.connector(
+                self.vision_tower,
+                pixel_values.to(self.vision_tower.dtype),
+                valid_tokens=counts,
+                pixel_attention_mask=pixel_attention_mask,
+                spatial_shapes=spatial_shapes,
+                **kwargs,
+            )
+            return features_output(outputs, features)
         anyres = self.config.image_grid_pinpoints is not None
         self._check_pixels(pixel_values, "(num_images, tiles, channels, height, width)" if anyres else None)
         if not anyres:
@@ -281,6 +329,8 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         `(frames * tokens, text_hidden_size)` tensor per video. A video longer than the language model's
         `max_position_embeddings` is refused before the tower runs.
         """
+        if self.config.takes_patch_sequences:
+            raise ValueError(NO_NAFLEX_VIDEO)
         if pixel_values_videos.dim() != 5:
             raise ValueError(
                 "pixel_values_videos must be (num_videos, frames, channels, height, width), got shape "
@@ -312,10 +362,22 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         """0 x the features of a zero image, for a text-only training batch: as the original (which gives text-only
         records a zero image it never places), every rank runs the tower and connector at every step, so DDP reduces,
         and FSDP / ZeRO-3 gather, the same parameters on all ranks."""
-        vision = self.config.vision_config
-        size = (1, vision.num_channels, self.config.tower_image_size, self.config.tower_image_size)
-        pixels = torch.zeros(size, device=self.vision_tower.device, dtype=self.vision_tower.dtype)
-        term = self.connector(self.vision_tower, pixels)[1].sum()
+        vision, device = self.config.vision_config, self.vision_tower.device
+        if self.config.takes_patch_sequences:  # one image of the tower's whole square position grid
+            rows = math.isqrt(vision.num_patches)
+            size = (1, rows * rows, vision.num_channels * side(vision.patch_size) ** 2)
+            pixels = torch.zeros(size, device=device, dtype=self.vision_tower.dtype)
+            grid = {
+                "pixel_attention_mask": torch.ones(size[:2], device=device, dtype=torch.long),
+                "spatial_shapes": torch.tensor([[rows, rows]], device=device),
+                "valid_tokens": [rows * rows],
+            }
+            features = self.connector(self.vision_tower, pixels, **grid)[1][0]
+        else:
+            size = (1, vision.num_channels, self.config.tower_image_size, self.config.tower_image_size)
+            pixels = torch.zeros(size, device=device, dtype=self.vision_tower.dtype)
+            features = self.connector(self.vision_tower, pixels)[1]
+        term = features.sum()
         if self.image_newline is not None:
             term = term + self.image_newline.sum()
         return 0.0 * term
@@ -356,6 +418,8 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         image_sizes: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> DenseConnectorModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
@@ -371,7 +435,12 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         if pixel_values is not None:
             if mm_encoder_outputs.get("image") is not None:
                 raise ValueError("Pass either pixel_values or pre-computed image features, not both.")
-            mm_encoder_outputs["image"] = self.get_image_features(pixel_values, image_sizes=image_sizes)
+            mm_encoder_outputs["image"] = self.get_image_features(
+                pixel_values,
+                image_sizes=image_sizes,
+                pixel_attention_mask=pixel_attention_mask,
+                spatial_shapes=spatial_shapes,
+            )
         if pixel_values_videos is not None:
             if mm_encoder_outputs.get("video") is not None:
                 raise ValueError("Pass either pixel_values_videos or pre-computed video features, not both.")
@@ -430,9 +499,20 @@ class DenseConnectorForConditionalGeneration(DenseConnectorPreTrainedModel, Gene
         return self.lm_head
 
     def get_image_features(
-        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
-        return self.model.get_image_features(pixel_values, image_sizes=image_sizes, **kwargs)
+        return self.model.get_image_features(
+            pixel_values,
+            image_sizes=image_sizes,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+            **kwargs,
+        )
 
     def get_video_features(
         self, pixel_values_videos: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
@@ -453,6 +533,8 @@ class DenseConnectorForConditionalGeneration(DenseConnectorPreTrainedModel, Gene
         image_sizes: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> DenseConnectorCausalLMOutputWithPast:
         outputs = self.model(
@@ -465,6 +547,8 @@ class DenseConnectorForConditionalGeneration(DenseConnectorPreTrainedModel, Gene
             image_sizes=image_sizes,
             pixel_values_videos=pixel_values_videos,
             mm_encoder_outputs=mm_encoder_outputs,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
