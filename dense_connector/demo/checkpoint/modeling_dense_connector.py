@@ -1,6 +1,5 @@
 """PyTorch Dense Connector model: a LLaVA-style model whose connector reads several vision-encoder layers."""
 
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -20,10 +19,9 @@ from .configuration_dense_connector import (
     NO_NAFLEX_VIDEO,
     DenseConnectorConfig,
     select_best_resolution,
-    side,
     unpadded_grid_size,
 )
-from .connector_dense_connector import DenseConnector
+from .connector_dense_connector import DenseConnector, valid_patch_counts, zero_image
 
 
 try:
@@ -245,27 +243,6 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         if not pixels.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor (normalised pixels), got {pixels.dtype}.")
 
-    def _check_patch_sequences(
-        self, pixels: torch.Tensor, pixel_attention_mask: torch.Tensor | None, spatial_shapes: torch.Tensor | None
-    ) -> list[int]:
-        """Each image's number of valid patches, after refusing patch sequences the NaFlex tower cannot encode."""
-        vision = self.config.vision_config
-        width = vision.num_channels * side(vision.patch_size) ** 2
-        if pixels.dim() != 3 or pixels.shape[-1] != width or pixel_attention_mask is None or spatial_shapes is None:
-            raise ValueError(
-                f"This model's tower takes patch sequences (SigLIP 2 NaFlex): pixel_values of shape (num_images, "
-                f"max_num_patches, {width}) with pixel_attention_mask and spatial_shapes; got pixel_values of shape "
-                f"{tuple(pixels.shape)}{'' if spatial_shapes is not None else ' without spatial_shapes'}. Prepare "
-                "images with the model's processor."
-            )
-        counts = [int(rows * cols) for rows, cols in spatial_shapes.tolist()]
-        if len(counts) != len(pixels) or any(count > pixels.shape[1] for count in counts):
-            raise ValueError(
-                f"spatial_shapes give {counts} patches for {len(pixels)} image(s) of at most {pixels.shape[1]} "
-                "patches each; prepare images with the model's processor."
-            )
-        return counts
-
     @can_return_tuple
     def get_image_features(
         self,
@@ -287,7 +264,7 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         """
         kwargs = {k: v for k, v in kwargs.items() if k in TOWER_KWARGS}
         if self.config.takes_patch_sequences:
-            counts = self._check_patch_sequences(pixel_values, pixel_attention_mask, spatial_shapes)
+            counts = valid_patch_counts(self.config, pixel_values, pixel_attention_mask, spatial_shapes)
             outputs, features = self.connector(
                 self.vision_tower,
                 pixel_values.to(self.vision_tower.dtype),
@@ -362,22 +339,8 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         """0 x the features of a zero image, for a text-only training batch: as the original (which gives text-only
         records a zero image it never places), every rank runs the tower and connector at every step, so DDP reduces,
         and FSDP / ZeRO-3 gather, the same parameters on all ranks."""
-        vision, device = self.config.vision_config, self.vision_tower.device
-        if self.config.takes_patch_sequences:  # one image of the tower's whole square position grid
-            rows = math.isqrt(vision.num_patches)
-            size = (1, rows * rows, vision.num_channels * side(vision.patch_size) ** 2)
-            pixels = torch.zeros(size, device=device, dtype=self.vision_tower.dtype)
-            grid = {
-                "pixel_attention_mask": torch.ones(size[:2], device=device, dtype=torch.long),
-                "spatial_shapes": torch.tensor([[rows, rows]], device=device),
-                "valid_tokens": [rows * rows],
-            }
-            features = self.connector(self.vision_tower, pixels, **grid)[1][0]
-        else:
-            size = (1, vision.num_channels, self.config.tower_image_size, self.config.tower_image_size)
-            pixels = torch.zeros(size, device=device, dtype=self.vision_tower.dtype)
-            features = self.connector(self.vision_tower, pixels)[1]
-        term = features.sum()
+        pixels, grid = zero_image(self.config, self.vision_tower.device, self.vision_tower.dtype)
+        term = sum(features.sum() for features in self.connector(self.vision_tower, pixels, **grid)[1])
         if self.image_newline is not None:
             term = term + self.image_newline.sum()
         return 0.0 * term
