@@ -281,6 +281,11 @@ class DenseConnectorConfig(PreTrainedConfig):
     @property
     def tower_image_size(self) -> int:
         """Side in pixels of the square images the tower takes."""
+        if self.takes_patch_sequences:
+            raise ValueError(
+                "This model's tower takes patch sequences (SigLIP 2 NaFlex) at each image's own size; it has no fixed "
+                "image size or patch grid, which this feature needs."
+            )
         return side(self.vision_config.image_size)
 
     @property

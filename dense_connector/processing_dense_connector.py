@@ -371,6 +371,8 @@ class DenseConnectorProcessor(ProcessorMixin):
         per image, AnyRes tiles included). vLLM sizes its multimodal budget and splits batched inputs with it."""
         if image_sizes is None:
             return MultiModalData()
+        if "spatial_shapes" in getattr(self.image_processor, "model_input_names", ()):
+            raise ValueError("Serving a model on a NaFlex tower (SigLIP 2) with vLLM is not supported.")
         processor = self.image_processor
         size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
         side = size.get("height") or size["shortest_edge"]

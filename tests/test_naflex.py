@@ -16,6 +16,7 @@ from dense_connector import DenseConnectorConfig
 from dense_connector.building import BuildError, build_checkpoint
 from dense_connector.building.builder import build_model, build_processor_for
 from dense_connector.training.collator import IGNORE_INDEX, DenseConnectorDataCollator
+from dense_connector.web.attention import layer_attention
 
 
 # Wide, tall and square images: three different patch grids within the 64-patch budget.
@@ -131,3 +132,7 @@ def test_what_naflex_does_not_support_is_refused_in_one_line(parts, tmp_path):
         processor(text="<video>", videos=[IMAGES[:2]])
     with pytest.raises(ValueError, match="takes patch sequences .* spatial_shapes"):
         model.get_image_features(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="no fixed image size or patch grid"):
+        layer_attention(model, processor, IMAGES[0])
+    with pytest.raises(ValueError, match="NaFlex .* vLLM is not supported"):
+        processor._get_num_multimodal_tokens(image_sizes=[[30, 40]])
