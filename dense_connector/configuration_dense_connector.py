@@ -9,6 +9,10 @@ from transformers.configuration_utils import strict
 
 CONNECTOR_TYPES = ("sti", "sci", "dci", "none")
 FEATURE_SELECT_STRATEGIES = ("default", "full")
+NO_NAFLEX_VIDEO = (
+    "Video is not supported with a tower that takes patch sequences (SigLIP 2 NaFlex); pass the frames as images, "
+    "or build the model on a fixed-resolution tower."
+)
 
 
 # The vision tower when a config names none: CLIP ViT-L/14 at 336 px, as the released checkpoints use.
@@ -88,15 +92,19 @@ def unpadded_grid_size(grid_height: int, grid_width: int, image_size: tuple[int,
     return grid_height, grid_width - 2 * ((grid_width - scaled_width) // 2)
 
 
+def num_connector_tokens(num_patches: int, connector_type: str, sti_pool_stride: int) -> int:
+    """Number of features the connector makes from `num_patches` patch tokens (STI appends two pooled runs)."""
+    if connector_type == "sti":
+        return num_patches + 2 * (num_patches // sti_pool_stride)
+    return num_patches
+
+
 def num_tile_tokens(
     patches_per_side: int, connector_type: str, sti_pool_stride: int, image_downsample_factor: int
 ) -> int:
     """Number of features the connector makes from one tower-sized image (one AnyRes tile)."""
     side = patches_per_side // image_downsample_factor
-    tokens = side * side
-    if connector_type == "sti":
-        tokens += 2 * (tokens // sti_pool_stride)
-    return tokens
+    return num_connector_tokens(side * side, connector_type, sti_pool_stride)
 
 
 @strict
@@ -111,7 +119,9 @@ class DenseConnectorConfig(PreTrainedConfig):
     reads (the rest are never built nor run) and `vision_feature_layer` its non-negative index.
 
     Args:
-        vision_config (`dict` or `PreTrainedConfig`, *optional*): the vision tower (CLIP, SigLIP, ...).
+        vision_config (`dict` or `PreTrainedConfig`, *optional*): the vision tower (CLIP, SigLIP, ...). A tower whose
+            config has `num_patches` but no `image_size` (SigLIP 2 NaFlex) takes patch sequences: each image keeps its
+            aspect ratio and gives as many features as it has valid patches (see `takes_patch_sequences`).
         text_config (`dict` or `PreTrainedConfig`, *optional*): the language model (Llama, ...).
         image_token_id (`int`): id of the image placeholder token.
         video_token_id (`int`, *optional*): id of the video placeholder token.
@@ -234,6 +244,17 @@ class DenseConnectorConfig(PreTrainedConfig):
         for name in ("sti_pool_stride", "projector_depth", "image_downsample_factor", "video_pool_stride"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+        if self.takes_patch_sequences:
+            unsupported = {
+                "image_downsample_factor": self.image_downsample_factor != 1,
+                "image_grid_pinpoints": self.image_grid_pinpoints is not None,
+            }
+            for name in (name for name, used in unsupported.items() if used):
+                raise ValueError(
+                    f"{name} is not supported with a tower that takes patch sequences (SigLIP 2 NaFlex): its images "
+                    "already keep their aspect ratio and size; leave it at its default."
+                )
+            return
         patches = self.patches_per_side
         if patches % self.image_downsample_factor:
             raise ValueError(
@@ -250,8 +271,21 @@ class DenseConnectorConfig(PreTrainedConfig):
                 )
 
     @property
+    def takes_patch_sequences(self) -> bool:
+        """Whether the tower takes `(num_images, max_num_patches, C*P*P)` patch sequences with `pixel_attention_mask`
+        and `spatial_shapes` (SigLIP 2 NaFlex: a `num_patches` budget, no fixed `image_size`) instead of square
+        images."""
+        vision = self.vision_config
+        return getattr(vision, "image_size", None) is None and getattr(vision, "num_patches", None) is not None
+
+    @property
     def tower_image_size(self) -> int:
         """Side in pixels of the square images the tower takes."""
+        if self.takes_patch_sequences:
+            raise ValueError(
+                "This model's tower takes patch sequences (SigLIP 2 NaFlex) at each image's own size; it has no fixed "
+                "image size or patch grid, which this feature needs."
+            )
         return side(self.vision_config.image_size)
 
     @property
@@ -279,8 +313,13 @@ class DenseConnectorConfig(PreTrainedConfig):
         used += [i for group in self.dense_connector_groups or [] for i in group]
         return max(used)
 
-    def num_image_tokens(self, image_size: tuple[int, int] | None = None) -> int:
-        """Placeholders one image of `(height, width)` takes (the size matters only with AnyRes)."""
+    def num_image_tokens(self, image_size: tuple[int, int] | None = None, num_patches: int | None = None) -> int:
+        """Placeholders one image of `(height, width)` takes (the size matters only with AnyRes); with a tower that
+        takes patch sequences, one image of `num_patches` valid patches (its `spatial_shapes` product)."""
+        if self.takes_patch_sequences:
+            if num_patches is None:
+                raise ValueError("A tower that takes patch sequences (NaFlex) needs the image's num_patches.")
+            return num_connector_tokens(num_patches, self.dense_connector_type, self.sti_pool_stride)
         tile = num_tile_tokens(
             self.patches_per_side, self.dense_connector_type, self.sti_pool_stride, self.image_downsample_factor
         )
@@ -290,6 +329,8 @@ class DenseConnectorConfig(PreTrainedConfig):
 
     def num_video_tokens(self, num_frames: int) -> int:
         """Placeholders one video of `num_frames` frames takes; every frame is encoded as one tower-sized image."""
+        if self.takes_patch_sequences:
+            raise ValueError(NO_NAFLEX_VIDEO)
         tile = num_tile_tokens(
             self.patches_per_side, self.dense_connector_type, self.sti_pool_stride, self.image_downsample_factor
         )

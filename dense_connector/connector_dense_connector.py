@@ -8,13 +8,15 @@ model's width. `modeling_dense_connector.py` builds the full model around it; th
 `trust_remote_code` and imports only torch, transformers and the configuration module.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import ModelOutput
 
-from .configuration_dense_connector import DenseConnectorConfig
+from .configuration_dense_connector import DenseConnectorConfig, side
 
 
 def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
@@ -39,6 +41,49 @@ def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
         f"{type(vision_tower).__name__} has no list of {num_layers} encoder layers; Dense Connector supports "
         "vision towers that keep their transformer layers in one list (CLIP, SigLIP, DINOv2, ...)."
     )
+
+
+def valid_patch_counts(
+    config: DenseConnectorConfig,
+    pixel_values: torch.Tensor,
+    pixel_attention_mask: torch.Tensor | None,
+    spatial_shapes: torch.Tensor | None,
+) -> list[int]:
+    """Each image's number of valid patches (they lead its row), after refusing patch sequences that a tower taking
+    them (SigLIP 2 NaFlex) cannot encode."""
+    vision = config.vision_config
+    width = vision.num_channels * side(vision.patch_size) ** 2
+    if pixel_values.dim() != 3 or pixel_values.shape[-1] != width or pixel_attention_mask is None:
+        raise ValueError(
+            f"This model's tower takes patch sequences (SigLIP 2 NaFlex): pixel_values of shape (num_images, "
+            f"max_num_patches, {width}) with pixel_attention_mask and spatial_shapes; got pixel_values of shape "
+            f"{tuple(pixel_values.shape)}. Prepare images with the model's processor."
+        )
+    if spatial_shapes is None:
+        raise ValueError("This model's tower takes patch sequences (SigLIP 2 NaFlex) and needs spatial_shapes too.")
+    counts = [int(rows * cols) for rows, cols in spatial_shapes.tolist()]
+    if len(counts) != len(pixel_values) or any(count > pixel_values.shape[1] for count in counts):
+        raise ValueError(
+            f"spatial_shapes give {counts} patches for {len(pixel_values)} image(s) of at most "
+            f"{pixel_values.shape[1]} patches each; prepare images with the model's processor."
+        )
+    return counts
+
+
+def zero_image(config: DenseConnectorConfig, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+    """One zero image as the tower takes it, and what the connector needs with it: a tower-sized square image, or for
+    a tower taking patch sequences one sequence over its whole square position grid with its mask and grid."""
+    vision = config.vision_config
+    if not config.takes_patch_sequences:
+        size = (1, vision.num_channels, config.tower_image_size, config.tower_image_size)
+        return torch.zeros(size, device=device, dtype=dtype), {}
+    rows = math.isqrt(vision.num_patches)
+    size = (1, rows * rows, vision.num_channels * side(vision.patch_size) ** 2)
+    return torch.zeros(size, device=device, dtype=dtype), {
+        "pixel_attention_mask": torch.ones(size[:2], device=device, dtype=torch.long),
+        "spatial_shapes": torch.tensor([[rows, rows]], device=device),
+        "valid_tokens": [rows * rows],
+    }
 
 
 class DenseConnector(nn.Module):
@@ -136,29 +181,42 @@ class DenseConnector(nn.Module):
         grid = F.interpolate(grid.float(), size=(size, size), mode="bilinear", align_corners=False)
         return grid.to(features.dtype).flatten(2).transpose(1, 2)
 
+    def pool(self, state: torch.Tensor) -> torch.Tensor:
+        """STI's average pooling along the tokens (no pooled token from fewer tokens than the stride)."""
+        if state.shape[1] < self.sti_pool_stride:
+            return state[:, :0]
+        return F.avg_pool1d(state.transpose(1, 2), self.sti_pool_stride, self.sti_pool_stride).transpose(1, 2)
+
     def fuse(self, final: torch.Tensor, extras: list[torch.Tensor]) -> torch.Tensor:
         """Combine `F` with the extra states: STI appends pooled tokens, SCI/DCI concatenate channels."""
         final, extras = self.downsample(final), [self.downsample(state) for state in extras]
         if self.connector_type == "sti":
-            pooled = [
-                F.avg_pool1d(state.transpose(1, 2), self.sti_pool_stride, self.sti_pool_stride).transpose(1, 2)
-                for state in extras
-            ]
-            return torch.cat([final, *pooled], dim=1)
+            return torch.cat([final, *(self.pool(state) for state in extras)], dim=1)
         return torch.cat([final, *extras], dim=-1)
 
     def forward(
-        self, vision_tower: nn.Module, pixel_values: torch.Tensor, **kwargs
-    ) -> tuple[ModelOutput, torch.Tensor]:
+        self, vision_tower: nn.Module, pixel_values: torch.Tensor, valid_tokens: list[int] | None = None, **kwargs
+    ) -> tuple[ModelOutput, torch.Tensor | list[torch.Tensor]]:
         """`(num_images, C, H, W)` pixels to the tower's outputs and `(num_images, tokens, text_hidden_size)` features.
 
-        `kwargs` (`output_hidden_states`, `output_attentions`) go to the tower, whose outputs are returned as it gives
-        them.
+        A tower that takes padded patch sequences (SigLIP 2 NaFlex) gets `valid_tokens`, each image's number of
+        valid patches (they lead its row): every image's states are then fused over its own valid patches only (STI
+        pools them alone) and the features come back as one `(tokens, text_hidden_size)` tensor per image. `kwargs`
+        (`output_hidden_states`, `output_attentions`, and a NaFlex tower's `pixel_attention_mask` and
+        `spatial_shapes`) go to the tower, whose outputs are returned as it gives them.
         """
         outputs, final, extras = self.collect_hidden_states(vision_tower, pixel_values, **kwargs)
-        fused = self.fuse(final, extras)
-        del final, extras  # the separate states are freed before the projector's wider activations
-        return outputs, self.projector(fused)
+        if valid_tokens is None:
+            fused = self.fuse(final, extras)
+            del final, extras  # the separate states are freed before the projector's wider activations
+            return outputs, self.projector(fused)
+        fused = [
+            self.fuse(final[i : i + 1, :count], [state[i : i + 1, :count] for state in extras])[0]
+            for i, count in enumerate(valid_tokens)
+        ]
+        del final, extras
+        projected = self.projector(torch.cat(fused))
+        return outputs, list(projected.split([len(features) for features in fused]))
 
 
-__all__ = ["DenseConnector", "encoder_layers"]
+__all__ = ["DenseConnector", "encoder_layers", "valid_patch_counts", "zero_image"]

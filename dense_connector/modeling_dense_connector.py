@@ -15,8 +15,13 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.hub import hf_api
 
-from .configuration_dense_connector import DenseConnectorConfig, select_best_resolution, unpadded_grid_size
-from .connector_dense_connector import DenseConnector
+from .configuration_dense_connector import (
+    NO_NAFLEX_VIDEO,
+    DenseConnectorConfig,
+    select_best_resolution,
+    unpadded_grid_size,
+)
+from .connector_dense_connector import DenseConnector, valid_patch_counts, zero_image
 
 
 try:
@@ -74,7 +79,7 @@ tags:
 
 A `{architecture}` ([Dense Connector](https://arxiv.org/abs/2405.13800), Yao et al., NeurIPS 2024): a
 `{tower}` vision tower whose hidden states `{layers}` are fused by the **{connector}** connector, projected,
-and fed to a `{language_model}` language model ({tokens} tokens per tower-sized image).
+and fed to a `{language_model}` language model ({tokens}).
 
 The modeling code ships with the weights; load it with `trust_remote_code=True`:
 
@@ -110,7 +115,9 @@ class DenseConnectorPreTrainedModel(PreTrainedModel):
             tower=config.vision_config.model_type,
             layers=config.dense_connector_layers or config.dense_connector_groups or "-",
             language_model=config.text_config.model_type,
-            tokens=config.num_image_tokens((config.tower_image_size,) * 2),
+            tokens="one token per valid patch of each image, at its own aspect ratio"
+            if config.takes_patch_sequences
+            else f"{config.num_image_tokens((config.tower_image_size,) * 2)} tokens per tower-sized image",
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
@@ -238,17 +245,35 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
 
     @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
         """Encode images with the tower and project them into the LM's embedding space.
 
         `pixel_values` is `(num_images, C, H, W)`, or `(num_images, max_tiles, C, H, W)` with AnyRes, in which case
-        `image_sizes` (`(num_images, 2)`, original height and width) is required. As Llava's, the result holds the
-        tower's outputs (`last_hidden_state` of tower width, one row per image or AnyRes tile; `hidden_states` and
-        `attentions` when asked) and, in `pooler_output`, one `(tokens, text_hidden_size)` tensor per image: exactly
-        what replaces that image's placeholders.
+        `image_sizes` (`(num_images, 2)`, original height and width) is required. A tower that takes patch sequences
+        (SigLIP 2 NaFlex) gets `(num_images, max_num_patches, C*P*P)` with its `pixel_attention_mask` and
+        `spatial_shapes` (`(num_images, 2)` patch rows and columns); each image then gives one feature per valid patch
+        (more with STI). As Llava's, the result holds the tower's outputs (`last_hidden_state` of tower width, one row
+        per image or AnyRes tile; `hidden_states` and `attentions` when asked) and, in `pooler_output`, one
+        `(tokens, text_hidden_size)` tensor per image: exactly what replaces that image's placeholders.
         """
         kwargs = {k: v for k, v in kwargs.items() if k in TOWER_KWARGS}
+        if self.config.takes_patch_sequences:
+            counts = valid_patch_counts(self.config, pixel_values, pixel_attention_mask, spatial_shapes)
+            outputs, features = self.connector(
+                self.vision_tower,
+                pixel_values.to(self.vision_tower.dtype),
+                valid_tokens=counts,
+                pixel_attention_mask=pixel_attention_mask,
+                spatial_shapes=spatial_shapes,
+                **kwargs,
+            )
+            return features_output(outputs, features)
         anyres = self.config.image_grid_pinpoints is not None
         self._check_pixels(pixel_values, "(num_images, tiles, channels, height, width)" if anyres else None)
         if not anyres:
@@ -281,6 +306,8 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         `(frames * tokens, text_hidden_size)` tensor per video. A video longer than the language model's
         `max_position_embeddings` is refused before the tower runs.
         """
+        if self.config.takes_patch_sequences:
+            raise ValueError(NO_NAFLEX_VIDEO)
         if pixel_values_videos.dim() != 5:
             raise ValueError(
                 "pixel_values_videos must be (num_videos, frames, channels, height, width), got shape "
@@ -312,10 +339,8 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         """0 x the features of a zero image, for a text-only training batch: as the original (which gives text-only
         records a zero image it never places), every rank runs the tower and connector at every step, so DDP reduces,
         and FSDP / ZeRO-3 gather, the same parameters on all ranks."""
-        vision = self.config.vision_config
-        size = (1, vision.num_channels, self.config.tower_image_size, self.config.tower_image_size)
-        pixels = torch.zeros(size, device=self.vision_tower.device, dtype=self.vision_tower.dtype)
-        term = self.connector(self.vision_tower, pixels)[1].sum()
+        pixels, grid = zero_image(self.config, self.vision_tower.device, self.vision_tower.dtype)
+        term = sum(features.sum() for features in self.connector(self.vision_tower, pixels, **grid)[1])
         if self.image_newline is not None:
             term = term + self.image_newline.sum()
         return 0.0 * term
@@ -356,6 +381,8 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         image_sizes: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> DenseConnectorModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
@@ -373,7 +400,12 @@ class DenseConnectorModel(DenseConnectorPreTrainedModel):
         if pixel_values is not None:
             if mm_encoder_outputs.get("image") is not None:
                 raise ValueError("Pass either pixel_values or pre-computed image features, not both.")
-            mm_encoder_outputs["image"] = self.get_image_features(pixel_values, image_sizes=image_sizes)
+            mm_encoder_outputs["image"] = self.get_image_features(
+                pixel_values,
+                image_sizes=image_sizes,
+                pixel_attention_mask=pixel_attention_mask,
+                spatial_shapes=spatial_shapes,
+            )
         if pixel_values_videos is not None:
             if mm_encoder_outputs.get("video") is not None:
                 raise ValueError("Pass either pixel_values_videos or pre-computed video features, not both.")
@@ -436,9 +468,20 @@ class DenseConnectorForConditionalGeneration(DenseConnectorPreTrainedModel, Gene
         return self.lm_head
 
     def get_image_features(
-        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
-        return self.model.get_image_features(pixel_values, image_sizes=image_sizes, **kwargs)
+        return self.model.get_image_features(
+            pixel_values,
+            image_sizes=image_sizes,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+            **kwargs,
+        )
 
     def get_video_features(
         self, pixel_values_videos: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
@@ -459,6 +502,8 @@ class DenseConnectorForConditionalGeneration(DenseConnectorPreTrainedModel, Gene
         image_sizes: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> DenseConnectorCausalLMOutputWithPast:
         outputs = self.model(
@@ -471,6 +516,8 @@ class DenseConnectorForConditionalGeneration(DenseConnectorPreTrainedModel, Gene
             image_sizes=image_sizes,
             pixel_values_videos=pixel_values_videos,
             mm_encoder_outputs=mm_encoder_outputs,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
             **kwargs,
         )
         loss = logits = None

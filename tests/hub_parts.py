@@ -30,6 +30,8 @@ from transformers import (
     LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Siglip2Config,
+    Siglip2Model,
     SiglipConfig,
     SiglipImageProcessor,
     SiglipModel,
@@ -108,6 +110,32 @@ def siglip_vision_repo(folder: Path) -> Path:
     """A vision-only `SiglipVisionModel` repository (all its layers and its pooling head, as on the Hub)."""
     save(SiglipVisionModel(SiglipVisionConfig(**VISION, num_hidden_layers=TOWER_LAYERS + 1)), folder, seed=7)
     SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
+    return folder
+
+
+NAFLEX_MAX_PATCHES = 64  # the processor's patch budget per image; the tower's position grid is 8 x 8 (num_patches)
+
+
+def siglip2_naflex_repo(folder: Path) -> Path:
+    """A full `Siglip2Model` NaFlex repository (`google/siglip2-base-patch16-naflex`'s layout): a vision model that
+    takes patch sequences (no fixed image size, `num_patches` positions resized per image), its pooling head, a text
+    model, and the `Siglip2ImageProcessor` that resizes each image to its own grid within `max_num_patches`."""
+    vision = {key: value for key, value in VISION.items() if key != "image_size"}
+    config = Siglip2Config(
+        text_config={**TEXT_TOWER, "vocab_size": 50, "max_position_embeddings": 16},
+        vision_config={**vision, "num_hidden_layers": TOWER_LAYERS, "num_patches": 64},
+    )
+    save(Siglip2Model(config), folder, seed=13)
+    preprocessor = {
+        "image_processor_type": "Siglip2ImageProcessor",
+        "patch_size": PATCH_SIZE,
+        "max_num_patches": NAFLEX_MAX_PATCHES,
+        "resample": 2,
+        "rescale_factor": 1 / 255,
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     return folder
 
 

@@ -4,9 +4,10 @@
 The matrix: every tower with one language model (Qwen3), and one tower (CLIP) with every language model (the
 mixture-of-experts ones as the Hub keeps them, one tensor per expert). Each cell is built with `dense-connector build`
 (DCI, `--version native`), then one fresh process without the package loads every folder as remote code and, for
-each: generates from an image, takes one training step and checks that it reaches the projector, compares the
-text-only logits with the language model's own and the tower's hidden states with the tower's own (the proof that
-every weight arrived). One subprocess for the whole matrix keeps it fast.
+each: generates from a batch of two prompts with one image each (different aspect ratios: a NaFlex tower encodes each
+at its own, a fixed-resolution one pads both to a square), takes one training step and checks that it reaches the
+projector, compares the text-only logits with the language model's own and the tower's hidden states with the tower's
+own (the proof that every weight arrived). One subprocess for the whole matrix keeps it fast.
 """
 
 import json
@@ -26,6 +27,7 @@ from hub_parts import (
     clip_vision_repo,
     language_model_repo,
     qwen2_repo,
+    siglip2_naflex_repo,
     siglip_model_repo,
     tower_repo,
 )
@@ -44,7 +46,7 @@ from dense_connector.writing.sources import CheckpointError
 
 ONE_LM = "qwen3"
 ONE_TOWER = "clip_vision"
-TOWER_NAMES = ["clip_model", "siglip_model", *TOWERS]
+TOWER_NAMES = ["clip_model", "siglip_model", "siglip2_naflex", *TOWERS]
 LM_NAMES = [*LANGUAGE_MODELS, "qwen2"]
 CELLS = sorted({(tower, ONE_LM) for tower in TOWER_NAMES} | {(ONE_TOWER, lm) for lm in LM_NAMES})
 
@@ -57,6 +59,7 @@ def parts(tmp_path_factory) -> dict[str, Path]:
         "siglip_model": siglip_model_repo(root / "siglip_model"),
         "clip_vision": clip_vision_repo(root / "clip_vision"),
         "qwen2": qwen2_repo(root / "qwen2"),
+        "siglip2_naflex": siglip2_naflex_repo(root / "siglip2_naflex"),
     }
     made.update({name: tower_repo(root / name, name) for name in TOWERS})
     made.update({name: language_model_repo(root / name, name) for name in LANGUAGE_MODELS})
@@ -89,7 +92,7 @@ from PIL import Image
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 torch.manual_seed(0)
-image = Image.new("RGB", (40, 30), (200, 40, 40))
+images = [Image.new("RGB", (40, 30), (200, 40, 40)), Image.new("RGB", (24, 48), (40, 160, 60))]  # wide, tall
 results = {}
 for name, cell in json.loads('''CELLS''').items():
     model = AutoModelForImageTextToText.from_pretrained(cell["folder"], trust_remote_code=True).eval()
@@ -97,18 +100,23 @@ for name, cell in json.loads('''CELLS''').items():
     result = results[name] = {}
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    inputs = processor(images=images, text=[prompt] * 2, padding=True, padding_side="left", return_tensors="pt")
     generated = model.generate(**inputs, max_new_tokens=3, do_sample=False, min_new_tokens=3)
     result["new_tokens"] = generated.shape[1] - inputs["input_ids"].shape[1]
-    result["placeholders"] = int((inputs["input_ids"] == model.config.image_token_id).sum())
-    result["config_tokens"] = model.config.num_image_tokens()
+    result["placeholders"] = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    # A NaFlex tower's images give one feature per valid patch; a fixed-resolution tower's, the config's count.
+    naflex = {key: inputs[key] for key in ("pixel_attention_mask", "spatial_shapes") if key in inputs}
+    valid = inputs["pixel_attention_mask"].sum(1).tolist() if naflex else [None, None]
+    result["valid_patches"] = valid
+    result["config_tokens"] = [model.config.num_image_tokens(num_patches=count) for count in valid]
 
     # The tower's hidden states as the tower itself computes them (its vision model when the repository is full).
     tower = AutoModel.from_pretrained(cell["tower"]).eval()
     tower = getattr(tower, "vision_model", tower)
     with torch.no_grad():
-        ours = model.model.get_image_features(inputs["pixel_values"], output_hidden_states=True).hidden_states
-        own = tower(pixel_values=inputs["pixel_values"], output_hidden_states=True).hidden_states
+        pixels = inputs["pixel_values"]
+        ours = model.model.get_image_features(pixels, output_hidden_states=True, **naflex).hidden_states
+        own = tower(pixel_values=pixels, output_hidden_states=True, **naflex).hidden_states
     result["tower_states"] = len(ours)
     result["tower_diff"] = max(float((a - b).abs().max()) for a, b in zip(ours, own))
 
@@ -124,6 +132,7 @@ for name, cell in json.loads('''CELLS''').items():
     # One training step on an image record: the loss reaches the projector, which the step changes.
     model.train()
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
+    labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
     projector = model.model.connector.projector
     before = [p.detach().clone() for p in projector.parameters()]
     optimizer = torch.optim.SGD(projector.parameters(), lr=0.1)
@@ -141,7 +150,7 @@ open("matrix.json", "w").write(json.dumps(results))
 def test_built_model_runs_end_to_end_as_remote_code(matrix, cell):
     result = matrix[cell]
     assert result["new_tokens"] == 3
-    assert result["placeholders"] == result["config_tokens"] > 0
+    assert result["placeholders"] == result["config_tokens"] and min(result["placeholders"]) > 0
     assert result["projector_grad"] > 0 and result["projector_moved"]
     assert math.isfinite(result["loss"])
 
@@ -193,7 +202,6 @@ def saved_config(folder: Path, model_type: str, **settings) -> Path:
 UNSUPPORTED_TOWERS = {
     "convnext": ("convnext", {}),
     "swin": ("swin", {"embed_dim": 32, "depths": [1, 1], "num_heads": [2, 2]}),
-    "siglip2_naflex": ("siglip2_vision_model", {"hidden_size": 32, "num_attention_heads": 4}),
 }
 
 

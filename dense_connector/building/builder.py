@@ -291,7 +291,8 @@ def prepare_build(
     set_pad_token(tokenizer, version, lm_source)
     template = chat_template(lm_folder, version, lm_source)
     config = build_config(tower, lm_config, tokenizer, options, torch_dtype)
-    processor = build_processor(Translation(config, tower.family, "pad"), tokenizer, tower_folder, template)
+    preprocessing = "naflex" if config.takes_patch_sequences else "pad"
+    processor = build_processor(Translation(config, tower.family, preprocessing), tokenizer, tower_folder, template)
     return Build(
         tower_source,
         tower_folder,
@@ -415,7 +416,7 @@ freshly initialised (PyTorch's default `nn.Linear` initialisation, seed {seed}),
 projector only, then stage 2) before it answers anything.
 
 - Connector `{connector}` (hidden states `{layers}`, final feature `hs[{feature}]`), projector of depth {depth},
-  image downsampling {downsample}x per side, image preprocessing `pad`, conversation format `{version}`.
+  image downsampling {downsample}x per side, image preprocessing `{preprocessing}`, conversation format `{version}`.
 - Vision tower ({family}): {tower_layers} encoder layers kept (the deepest one the connector reads), {prefix} leading
   non-patch token(s) (CLS, registers) dropped from the states read. Weights in `{dtype}`.
 - Tokenizer: `<image>` (id {image_token_id}) and `<video>` (id {video_token_id}) added, pad token `{pad}`;
@@ -437,6 +438,7 @@ def model_card_section(build: Build, plan: TensorPlan, seed: int, checks: list[s
         feature=config.vision_feature_layer,
         depth=config.projector_depth,
         downsample=config.image_downsample_factor,
+        preprocessing="naflex" if config.takes_patch_sequences else "pad",
         version=build.version,
         tower_layers=config.vision_config.num_hidden_layers,
         family=build.tower.family,

@@ -27,6 +27,9 @@ from .data import record_name, record_to_messages
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+# What the processor gives per image, batched image after image: pixels, AnyRes original sizes, NaFlex patch masks
+# and patch grids.
+IMAGE_KEYS = ("pixel_values", "image_sizes", "pixel_attention_mask", "spatial_shapes")
 
 
 def assistant_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -201,7 +204,7 @@ class DenseConnectorDataCollator:
         if all(label == IGNORE_INDEX for label in labels):
             logger.warning("Dropping a record with no assistant reply left to train on (after truncation).")
             return None
-        pixels = {key: encoded[key] for key in ("pixel_values", "image_sizes") if key in encoded}
+        pixels = {key: encoded[key] for key in IMAGE_KEYS if key in encoded}
         return input_ids, labels, pixels
 
     def token_lengths(self, records: Sequence[dict]) -> list[int]:
@@ -258,8 +261,9 @@ class DenseConnectorDataCollator:
         pixels = [record_pixels for _, _, record_pixels in encoded if record_pixels]
         if pixels:
             batch["pixel_values"] = concat_padded([p["pixel_values"] for p in pixels])
-            if "image_sizes" in pixels[0]:
-                batch["image_sizes"] = torch.cat([p["image_sizes"] for p in pixels])
+            for key in IMAGE_KEYS[1:]:  # AnyRes sizes; NaFlex patch masks and grids (every row max_num_patches long)
+                if key in pixels[0]:
+                    batch[key] = torch.cat([p[key] for p in pixels])
         return BatchFeature(dict(batch))
 
     def pad(self, encoded: list[tuple[list[int], list[int], dict]]) -> dict[str, torch.Tensor]:

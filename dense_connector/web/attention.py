@@ -88,6 +88,7 @@ def seen_image(processor, pixels: torch.Tensor) -> Image.Image:
 @torch.inference_mode()
 def layer_attention(model, processor, image: Image.Image) -> LayerAttention:
     """Per-layer attention of the vision tower of `model` (a `...ForConditionalGeneration`) on `image`, head mean."""
+    side = model.config.patches_per_side  # a tower without a fixed patch grid (NaFlex) is refused before it runs
     tower = model.model.vision_tower
     previous = tower.config._attn_implementation
     tower.set_attn_implementation("eager")  # fused kernels do not return attention weights
@@ -99,7 +100,6 @@ def layer_attention(model, processor, image: Image.Image) -> LayerAttention:
     attentions = outputs.attentions
     if not attentions or len(attentions) != len(encoder_layers(tower)):
         raise ValueError(f"{type(tower).__name__} did not return the attention weights of each layer.")
-    side = model.config.patches_per_side
     prefix = attentions[0].shape[-1] - side * side  # leading tokens that are not patches: CLS, then any registers
     if prefix == 0:
         reduction, maps = "mean received", [a[0].float().mean(0).mean(0) for a in attentions]

@@ -9,7 +9,7 @@ section.
 from collections import Counter
 from pathlib import Path
 
-from transformers import GenerationConfig, LlavaImageProcessorPil, LlavaNextImageProcessorPil
+from transformers import GenerationConfig, LlavaImageProcessorPil, LlavaNextImageProcessorPil, Siglip2ImageProcessorPil
 from transformers.dynamic_module_utils import custom_object_save
 
 from ..chat_templates import stop_token_ids
@@ -42,6 +42,26 @@ def write_code(model: DenseConnectorForConditionalGeneration, folder: Path, conf
     builds from the same folder (it refuses a config without that entry)."""
     custom_object_save(model, folder, config=config)
     custom_object_save(model.model, folder, config=config)
+
+
+NAFLEX_PROCESSOR_FIELDS = ("resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+
+
+def naflex_settings(tower_folder: Path, vision_config) -> dict:
+    """A NaFlex tower's preprocessing (SigLIP 2): its saved normalisation and patch budget (`max_num_patches`, else
+    the tower's `num_patches`), patches of the tower's size; each image is resized to its own grid within the
+    budget."""
+    path = tower_folder / "preprocessor_config.json"
+    saved = read_json(path) if path.is_file() else {}
+    settings = {key: saved[key] for key in NAFLEX_PROCESSOR_FIELDS if key in saved}
+    patch_size = side(vision_config.patch_size)
+    if saved.get("patch_size", patch_size) != patch_size:
+        raise CheckpointError(
+            f"The preprocessor config in {tower_folder} cuts {saved['patch_size']}-pixel patches but the tower's "
+            f"patch_size is {patch_size}; give the tower's own repository."
+        )
+    budget = saved.get("max_num_patches", vision_config.num_patches)
+    return {**settings, "patch_size": patch_size, "max_num_patches": budget}
 
 
 def image_processor_settings(tower: str, tower_folder: Path, image_size: int) -> dict:
@@ -90,12 +110,15 @@ def build_processor(
 ) -> DenseConnectorProcessor:
     """The processor: the tower's image preprocessing (`translation.preprocessing`), `tokenizer`, `chat_template`."""
     config = translation.config
-    settings = image_processor_settings(translation.tower, tower_folder, config.tower_image_size)
-    if translation.preprocessing == "anyres":
+    if translation.preprocessing == "naflex":
+        image_processor = Siglip2ImageProcessorPil(**naflex_settings(tower_folder, config.vision_config))
+    elif translation.preprocessing == "anyres":
+        settings = image_processor_settings(translation.tower, tower_folder, config.tower_image_size)
         image_processor = LlavaNextImageProcessorPil(
             image_grid_pinpoints=config.image_grid_pinpoints, do_pad=True, **settings
         )
     else:
+        settings = image_processor_settings(translation.tower, tower_folder, config.tower_image_size)
         image_processor = LlavaImageProcessorPil(do_pad=translation.preprocessing == "pad", **settings)
     return DenseConnectorProcessor(
         image_processor=image_processor,

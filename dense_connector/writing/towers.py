@@ -40,7 +40,7 @@ class Translation:
 
     config: DenseConnectorConfig
     tower: str  # "clip" or "siglip"
-    preprocessing: str  # "pad", "anyres" or "square"
+    preprocessing: str  # "pad", "anyres", "square" or "naflex" (patch sequences at each image's aspect ratio)
     notes: list[str] = field(default_factory=list)
 
 
@@ -75,9 +75,13 @@ def tower_vision_config(tower_config: dict) -> tuple[dict, str]:
 # of another one that `AutoModel` builds alone: MetaCLIP 2's vision tower is CLIP's.
 SAME_ARCHITECTURE = {"metaclip_2_vision_model": "clip_vision_model"}
 SUPPORTED_TOWERS = (
-    "patch-token ViT encoders: CLIP, MetaCLIP 2, SigLIP, SigLIP 2 (fixed resolution), DINOv2 (with or without "
-    "registers), DINOv3 ViT, AIMv2, MLCD, InternViT (internvl_vision), as full repositories or vision-only ones"
+    "patch-token ViT encoders: CLIP, MetaCLIP 2, SigLIP, SigLIP 2 (fixed resolution and NaFlex), DINOv2 (with or "
+    "without registers), DINOv3 ViT, AIMv2, MLCD, InternViT (internvl_vision), as full repositories or vision-only "
+    "ones"
 )
+# Towers that take patch sequences at each image's aspect ratio (`pixel_attention_mask`, `spatial_shapes`) rather than
+# square images: every token is a patch, padding trails each row.
+PATCH_SEQUENCE_TOWERS = ("siglip2_vision_model",)
 
 
 @dataclass
@@ -105,12 +109,17 @@ def non_patch_tokens(vision: dict, model_type) -> int:
     """How many leading tokens of the tower's sequence are not patches, read off the tower run on the meta device.
 
     Every encoder layer must see `(batch, prefix + patches, hidden_size)` with `patches` the square patch grid;
-    a tower whose stages downsample (Swin, ConvNeXt) or that takes patch sequences (SigLIP 2 NaFlex) is refused.
+    a tower whose stages downsample (Swin, ConvNeXt) is refused. A tower that takes patch sequences (SigLIP 2
+    NaFlex) has none: it is built (on the meta device) only to check that it keeps its layers in one list.
     """
     try:
         config = config_from(vision)
     except (KeyError, ValueError, TypeError):
         raise refuse(model_type, "is not a vision encoder transformers knows") from None
+    if vision["model_type"] in PATCH_SEQUENCE_TOWERS:
+        with torch.device("meta"):
+            encoder_layers(AutoModel.from_config(config))
+        return 0
     if not (hasattr(config, "image_size") and hasattr(config, "patch_size")):
         raise refuse(model_type, "is not a vision encoder of square patches (no image_size and patch_size)")
     try:

@@ -13,7 +13,13 @@ from transformers.utils import logging
 from transformers.utils.chat_template_utils import render_jinja_template
 from transformers.video_utils import is_batched_video, is_valid_video
 
-from .configuration_dense_connector import num_anyres_tokens, num_tile_tokens, num_video_tokens
+from .configuration_dense_connector import (
+    NO_NAFLEX_VIDEO,
+    num_anyres_tokens,
+    num_connector_tokens,
+    num_tile_tokens,
+    num_video_tokens,
+)
 
 
 IMAGE_BACKENDS = ("pil", "torchvision")
@@ -58,7 +64,8 @@ class DenseConnectorProcessor(ProcessorMixin):
     r"""
     Turns prompts and images into model inputs. Each `<image>` in the text becomes exactly as many image placeholder
     tokens as the connector produces for that image (and each `<video>` as many as the frames give), computed with
-    the same functions the model's config uses.
+    the same functions the model's config uses. With a NaFlex image processor (SigLIP 2: `pixel_values` as patch
+    sequences, `pixel_attention_mask`, `spatial_shapes`) each image's count follows its own valid patches.
 
     Text is tokenised as the original Dense Connector code does: split at the image/video placeholders, each chunk
     tokenised on its own (so a SentencePiece tokenizer starts every chunk with its dummy prefix), chunk BOS tokens
@@ -130,7 +137,15 @@ class DenseConnectorProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values", "image_sizes", "pixel_values_videos"]
+        return [
+            "input_ids",
+            "attention_mask",
+            "pixel_values",
+            "image_sizes",
+            "pixel_attention_mask",
+            "spatial_shapes",
+            "pixel_values_videos",
+        ]
 
     def num_image_tokens(self, pixel_height: int, pixel_width: int, image_size: tuple[int, int] | None = None) -> int:
         """Placeholders for one image whose tower input is `pixel_height x pixel_width` (original size for AnyRes)."""
@@ -270,8 +285,14 @@ class DenseConnectorProcessor(ProcessorMixin):
             data.update(processed)
             sizes = processed.get("image_sizes")
             for index, pixels in enumerate(processed["pixel_values"]):
-                height, width = pixels.shape[-2:]
-                count = self.num_image_tokens(height, width, None if sizes is None else sizes[index])
+                if "spatial_shapes" in processed:  # NaFlex patch sequences: one feature per valid patch
+                    rows, cols = processed["spatial_shapes"][index]
+                    count = num_connector_tokens(
+                        int(rows) * int(cols), self.dense_connector_type, self.sti_pool_stride
+                    )
+                else:
+                    height, width = pixels.shape[-2:]
+                    count = self.num_image_tokens(height, width, None if sizes is None else sizes[index])
                 replacements.append(("image", self.image_token_id, count))
         elif text is not None:
             self._check_counts(text, self.image_token, 0, "image")
@@ -282,6 +303,8 @@ class DenseConnectorProcessor(ProcessorMixin):
                     f"The tokenizer has no {self.video_token!r} token, so it cannot take videos; add it with "
                     f"tokenizer.add_special_tokens({{'additional_special_tokens': [{self.video_token!r}]}})."
                 )
+            if "spatial_shapes" in getattr(self.image_processor, "model_input_names", ()):
+                raise ValueError(NO_NAFLEX_VIDEO)
             videos = self._video_list(videos)
             if text is not None:
                 self._check_counts(text, self.video_token, len(videos), "video")
@@ -348,6 +371,8 @@ class DenseConnectorProcessor(ProcessorMixin):
         per image, AnyRes tiles included). vLLM sizes its multimodal budget and splits batched inputs with it."""
         if image_sizes is None:
             return MultiModalData()
+        if "spatial_shapes" in getattr(self.image_processor, "model_input_names", ()):
+            raise ValueError("Serving a model on a NaFlex tower (SigLIP 2) with vLLM is not supported.")
         processor = self.image_processor
         size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
         side = size.get("height") or size["shortest_edge"]
