@@ -38,7 +38,7 @@ class Command:
     description: str = ""
     add_arguments: str = "add_arguments"
     run: str = "run"
-    own_parser: bool = False  # the module parses its own options: `main(argv, name, debug)`
+    own_parser: bool = False  # the module parses its own options: `main(argv, name, debug, description)`
 
 
 COMMANDS = {
@@ -74,11 +74,16 @@ COMMANDS = {
     "train": Command(
         "dense_connector.training.command",
         "train a checkpoint: a bundled recipe (stage1, stage2) or your own options",
+        "Train a Dense Connector checkpoint (built, converted or trained) on instruction records: a bundled recipe "
+        "(--config stage1 or stage2, the paper's two stages) or your own options, every TrainingArguments option "
+        "included. Every record is checked before the first step; --list_recipes lists the recipes.",
         own_parser=True,
     ),
     "check-data": Command(
         "dense_connector.training.command",
         "check training records before training, train nothing",
+        "Check training records as dense-connector train does before its first step (keys, roles, an assistant "
+        "turn, images against placeholders, image files, lengths), one line per bad record; nothing is trained.",
         own_parser=True,
     ),
     "export": Command(
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         command = COMMANDS[known.command]
         module = importlib.import_module(command.module)
         if command.own_parser:  # the training options, whose `--debug` is TrainingArguments' own
-            return module.main(rest, known.command, known.debug)
+            return module.main(rest, known.command, known.debug, command.description)
         args = command_parser(known.command, command, module).parse_args(rest)
         args.command, args.debug = known.command, args.debug or known.debug
         return getattr(module, command.run)(args)

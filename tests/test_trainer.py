@@ -129,7 +129,7 @@ def test_group_by_length_works_on_raw_records(base, tmp_path):
     trainer = finetune.train(finetune_args(base, data, tmp_path / "out", "projector", 2, ["--group_by_length"]))
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, LengthGroupedSampler)
-    records = json.loads(data.read_text())
+    records = list(trainer.train_dataset)  # image paths resolved under --image_folder by the command
     exact = [len(trainer.data_collator.encode(record)[0]) for record in records]
     assert sampler.lengths == exact != record_lengths(records)  # exact token counts, not the original's words
     assert trainer.state.global_step == 2

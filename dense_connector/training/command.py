@@ -227,9 +227,9 @@ def removed_if_failed(output_dir: str | None) -> Iterator[None]:
         raise
 
 
-def train(argv: list[str], prog: str = f"{PROG} train"):
+def train(argv: list[str], prog: str = f"{PROG} train", description: str | None = None):
     """Parse the options, check the data, train and save; returns the `Trainer`."""
-    model_args, data_args, training_args, _ = parse_options(argv, prog)
+    model_args, data_args, training_args, _ = parse_options(argv, prog, description=description)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     with removed_if_failed(training_args.output_dir):
         trainer = build_trainer(model_args, data_args, training_args)
@@ -241,13 +241,13 @@ def train(argv: list[str], prog: str = f"{PROG} train"):
     return trainer
 
 
-def check_data(argv: list[str], prog: str = f"{PROG} check-data") -> int:
+def check_data(argv: list[str], prog: str = f"{PROG} check-data", description: str | None = None) -> int:
     """The data check alone: every bad record on stdout, a summary per source on stderr; 1 if any is bad."""
     from transformers import AutoProcessor
 
     import dense_connector  # noqa: F401
 
-    model_args, data_args, _, _ = parse_options(argv, prog, training=False)
+    model_args, data_args, _, _ = parse_options(argv, prog, training=False, description=description)
     check_model(model_args.model_name_or_path)
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
     set_chat_template(processor, data_args.version)
@@ -268,7 +268,9 @@ def list_recipes() -> int:
     return 0
 
 
-def main(argv: list[str] | None = None, command: str = "train", debug: bool = False) -> int:
+def main(
+    argv: list[str] | None = None, command: str = "train", debug: bool = False, description: str | None = None
+) -> int:
     """`dense-connector train` (or `check-data`) with one-line errors; `--traceback` (or `dense-connector --debug
     train`) shows the traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -277,8 +279,8 @@ def main(argv: list[str] | None = None, command: str = "train", debug: bool = Fa
         if "--list_recipes" in argv:
             return list_recipes()
         if command == "check-data":
-            return check_data(argv, prog)
-        train(argv, prog)
+            return check_data(argv, prog, description)
+        train(argv, prog, description)
         return 0
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -171,16 +171,16 @@ def add_command_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
 
 
-def build_parser(prog: str, training: bool = True) -> HfArgumentParser:
+def build_parser(prog: str, training: bool = True, description: str | None = None) -> HfArgumentParser:
     types = (ModelArguments, DataArguments) + ((DenseConnectorTrainingArguments,) if training else ())
-    parser = HfArgumentParser(types, prog=prog)
+    parser = HfArgumentParser(types, prog=prog, description=description)
     add_command_options(parser)
     return parser
 
 
-def parse_options(argv: list[str], prog: str, training: bool = True) -> tuple:
+def parse_options(argv: list[str], prog: str, training: bool = True, description: str | None = None) -> tuple:
     """(model, data, training arguments or None, the namespace of --config/--list_recipes/--traceback)."""
-    parser = build_parser(prog, training)
+    parser = build_parser(prog, training, description)
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--config")
     config, _ = first.parse_known_args(argv)
