@@ -131,6 +131,7 @@ def test_folded_projector_sums_the_blocks_of_each_hidden_state(converted, tmp_pa
         ({"dense_connector_type": "sti", "dense_connector_layers": [7, 15], "dense_connector_groups": None}, "STI"),
         ({"image_downsample_factor": 2}, "Efficient Dense Connector"),
         ({"image_grid_pinpoints": [[56, 56], [56, 112]]}, "AnyRes"),
+        ({"vision_prefix_tokens": 5}, "5 non-patch tokens"),  # DINOv2 with registers
     ],
 )
 @pytest.mark.parametrize("target", ["llava", "gguf"])

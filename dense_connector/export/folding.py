@@ -40,6 +40,13 @@ def refusal(config: DenseConnectorConfig) -> str | None:
         )
     if config.projector_depth != 2:
         return f"stock LLaVA projectors have two linear layers; this one has {config.projector_depth}"
+    if config.takes_patch_sequences:
+        return "its tower takes patch sequences at each image's aspect ratio (SigLIP 2 NaFlex); stock LLaVA does not"
+    if config.vision_feature_select_strategy == "default" and config.vision_prefix_tokens != 1:
+        return (
+            f"its tower puts {config.vision_prefix_tokens} non-patch tokens (CLS, registers) before the patches, and "
+            "stock LLaVA drops exactly one"
+        )
     return None
 
 
