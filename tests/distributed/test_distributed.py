@@ -107,8 +107,13 @@ for folder, expected in {pairs!r}:
     want = AutoModelForImageTextToText.from_pretrained(expected, trust_remote_code=True).state_dict()
     got = model.state_dict()
     assert got.keys() == want.keys(), sorted(set(got) ^ set(want))
-    for name in want:  # 3 Adam steps of lr 1e-3 move weights by ~1e-3; summation order differs by ~2e-5
-        torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=1e-3, msg=lambda m: folder + " " + name + m)
+    for name in want:
+        # 3 Adam steps of lr 1e-3 move weights by up to 3e-3 and the summation order differs by ~2e-5, which Adam's
+        # normalisation can blow up to a step's size where a gradient is near zero: nearly every element within
+        # 1e-4, none by more than the 3 steps could move it (a run without gradient sync differs almost everywhere)
+        off = ~torch.isclose(got[name], want[name], atol=1e-4, rtol=1e-3)
+        assert off.float().mean() < 1e-3, (folder, name, int(off.sum()), off.numel())
+        torch.testing.assert_close(got[name], want[name], atol=3e-3, rtol=0, msg=lambda m: folder + " " + name + m)
 """
 
 
