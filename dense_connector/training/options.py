@@ -123,7 +123,10 @@ def recipe_path(name: str) -> Path:
 
 
 def option_names(parser: argparse.ArgumentParser) -> set[str]:
-    return {option[2:] for action in parser._actions for option in action.option_strings if option.startswith("--")}
+    """The parser's long options, with `activation_checkpointing*` where transformers before 5.20 spells it
+    `gradient_checkpointing*` (`older_spellings` translates both the flags and a recipe's keys)."""
+    names = {option[2:] for action in parser._actions for option in action.option_strings if option.startswith("--")}
+    return names | {name.replace("gradient_", "activation_", 1) for name in names if "gradient_checkpointing" in name}
 
 
 def config_argv(name: str, known: set[str], ignored: set[str] = frozenset()) -> list[str]:
