@@ -23,9 +23,9 @@ from typing import Any
 from PIL import Image
 
 from ..chat_templates import CHAT_TEMPLATES
+from .data import LLAVA_ROLES
 
 
-LLAVA_SPEAKERS = {"human": "user", "gpt": "assistant", "system": "system"}
 CHAT_ROLES = ("user", "assistant", "system")
 KNOWN_KEYS = ("conversations", "messages", "image", "images")
 CHUNK = 1000
@@ -139,12 +139,12 @@ class RecordChecker:
             where = f"conversations[{number}]"
             if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
                 return where, 'must be {"from": "human" or "gpt", "value": text}'
-            if turn["from"] not in LLAVA_SPEAKERS:
+            if turn["from"] not in LLAVA_ROLES:
                 return f"{where}.from", f"{turn['from']!r} is not a speaker; use human, gpt or system"
             if not isinstance(turn["value"], str):
                 return f"{where}.value", f"must be text, not {type(turn['value']).__name__}"
             value = turn["value"]
-            turns.append((LLAVA_SPEAKERS[turn["from"]], value, value.count(self.image_token)))
+            turns.append((LLAVA_ROLES[turn["from"]], value, value.count(self.image_token)))
         return Parsed(turns, None, "image", "conversations")
 
     def parse_chat(self, record: dict) -> Parsed | tuple[str, str]:
