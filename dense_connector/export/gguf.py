@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ..processing_dense_connector import DenseConnectorProcessor
-from ..writing.sources import CheckpointError, open_tensors, tensor_metadata
+from ..writing.sources import CheckpointError, open_tensors
 from ..writing.staging import check_output, staged_output
 from ..writing.tensors import PlanBuilder, write_weights
 from .folding import fold_weight, plan_fold
@@ -114,9 +114,9 @@ def write_mmproj(source: Source, path: Path, outtype: str) -> None:
     writer.add_vision_image_std(list(image_processor.image_std))
     writer.add_vision_use_gelu(vision.hidden_act != "quick_gelu")  # SigLIP's tanh GELU; CLIP's quick GELU otherwise
     writer.add_array(FEATURE_LAYERS, fold.feature_layers)
-    for path_in in source.files:
+    for path_in, names in source.tensors.items():
         with open_tensors(path_in) as get:
-            for name in tensor_metadata(path_in):
+            for name in names:
                 new_name = "mm.0.weight" if name == FIRST_LAYER else mmproj_name(name)
                 if new_name is None:  # the language model's tensors are not even read
                     continue
@@ -141,8 +141,8 @@ def write_language_model(source: Source, folder: Path, progress: bool) -> None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(text_config)
     plan = PlanBuilder({name: tuple(t.shape) for name, t in model.state_dict().items()}, source.dtype)
-    for path in source.files:
-        for name, (shape, dtype) in tensor_metadata(path).items():
+    for path, names in source.tensors.items():
+        for name, (shape, dtype) in names.items():
             if name.startswith("model.language_model."):
                 plan.add(path, name, "model." + name.removeprefix("model.language_model."), shape, dtype)
             elif name == "lm_head.weight":

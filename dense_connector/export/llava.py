@@ -44,11 +44,12 @@ NOT_SETTINGS = ("auto_map", "image_processor_type", "processor_class")  # the sa
 
 @dataclass
 class Source:
-    """A Dense Connector checkpoint folder: its config, weight files, and the dtype of its weights."""
+    """A Dense Connector checkpoint folder: its config, each weight file's tensors (name -> shape, dtype, from the
+    file's header, read once), and the dtype of its weights."""
 
     folder: Path
     config: DenseConnectorConfig
-    files: list[Path]
+    tensors: dict[Path, dict[str, tuple[tuple[int, ...], torch.dtype]]]
     dtype: torch.dtype
 
 
@@ -61,11 +62,11 @@ def read_source(model: str | Path) -> Source:
         config = DenseConnectorConfig.from_pretrained(folder)
     except (ValueError, TypeError, OSError) as error:
         raise CheckpointError(f"--model {model} is not a Dense Connector checkpoint: {error}") from None
-    files = weight_files(folder, "Dense Connector checkpoint")
-    metadata = {name: dtype for path in files for name, (_, dtype) in tensor_metadata(path).items()}
-    if FIRST_LAYER not in metadata:
+    tensors = {path: tensor_metadata(path) for path in weight_files(folder, "Dense Connector checkpoint")}
+    dtypes = {name: dtype for names in tensors.values() for name, (_, dtype) in names.items()}
+    if FIRST_LAYER not in dtypes:
         raise CheckpointError(f"{folder} has no {FIRST_LAYER}; is it a Dense Connector checkpoint?")
-    return Source(folder=folder, config=config, files=files, dtype=metadata[FIRST_LAYER])
+    return Source(folder=folder, config=config, tensors=tensors, dtype=dtypes[FIRST_LAYER])
 
 
 def anyres_refusal(config: DenseConnectorConfig) -> str | None:
@@ -114,8 +115,8 @@ def plan_stock_tensors(source: Source, fold: Fold, config, side_file: Path) -> T
     """Every checkpoint tensor under its stock name; the folded first projector weight is computed into `side_file`."""
     channels = source.config.vision_config.hidden_size
     plan = PlanBuilder(expected_shapes(config), source.dtype)
-    for path in source.files:
-        for name, (shape, dtype) in tensor_metadata(path).items():
+    for path, names in source.tensors.items():
+        for name, (shape, dtype) in names.items():
             if name == FIRST_LAYER:
                 with open_tensors(path) as get:
                     folded = fold_weight(get(name), fold, channels)
