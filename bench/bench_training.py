@@ -15,11 +15,14 @@ temporaries), "total" adds the weights and the AdamW state that live through tra
 `--mix` runs instead an epoch of stage 2 (projector + LM) over a synthetic instruction mix (`instruction_mix.py`:
 the documented length distribution, 576 placeholders per image) in batches of `--batch` records in the original's
 modality-grouped order (`original_order`), padded as the original pads (the collator's default), then padded in this
-package's length-grouped order (exact lengths), padding-free and padding-free with the chunked cross-entropy
-(`--use_liger_kernel` on a CPU) in the original's order, each from the same weights: records/s, the ratios to the
-first, the epoch's mean loss and the peak memory of each mode's largest step (`--peak-only`: that alone; `--vocab
-128256` for Llama-3's vocabulary). The model is narrow so that an epoch fits a CPU (`--mix-width`, `--lm-layers`;
-a 2-layer CLIP at 96 px), so its head and loss take a larger share of the work than in a 7B model:
+package's length-grouped order (exact lengths), and in the original's order padding-free with SDPA over the whole
+row (transformers' packed-sequence mask), padding-free with SDPA record by record (`VARLEN_SDPA`, what
+`--padding_free` uses with SDPA) and that with the chunked cross-entropy (`--use_liger_kernel` on a CPU), each from
+the same weights: records/s, the ratios to the first, the epoch's mean loss and the peak memory of each mode's
+largest step (`--peak-only`: that alone; `--vocab 128256` for Llama-3's vocabulary), the padding counted with each
+image as its placeholders and as one token, and the optimizer steps' share of the time. The model is narrow so that
+an epoch fits a CPU (`--mix-width`, `--lm-layers`; a 2-layer CLIP at 96 px), so its head and loss take a larger
+share of the work than in a 7B model:
 
     .venv/bin/python bench/bench_training.py --mix          # CPU: 96 records, batch 8, a 256-wide 1-layer Llama
     python bench/bench_training.py --mix --device cuda --dtype bfloat16 --mix-width 4096 --lm-layers 8 \
@@ -48,6 +51,7 @@ from dense_connector import DenseConnectorConfig, DenseConnectorForConditionalGe
 from dense_connector.measurement import clock, interleaved_times, mib, peak_bytes
 from dense_connector.training import (
     IGNORE_INDEX,
+    VARLEN_SDPA,
     DenseConnectorDataCollator,
     chunked_cross_entropy,
     prepare_for_training,
@@ -169,12 +173,16 @@ def run_mix(args) -> dict[str, dict[str, float]]:
     processor = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0, init_kwargs={}))
     padded, flat = DenseConnectorDataCollator(processor), DenseConnectorDataCollator(processor, padding_free=True)
     chunked = partial(chunked_cross_entropy, chunk_size=1024)
-    modes = {"padded (original's order)": (padded, "original", None),
-             "padded, length-grouped": (padded, "grouped", None),
-             "padding-free": (flat, "original", None),
-             "+ chunked loss": (flat, "original", chunked)}  # fmt: skip
+    attention = args.attn
+    modes = {"padded (original's order)": (padded, "original", None, attention),
+             "padded, length-grouped": (padded, "grouped", None, attention),
+             "padding-free, whole row": (flat, "original", None, attention)}  # fmt: skip
+    if attention == "sdpa":  # what --padding_free runs with SDPA
+        attention = VARLEN_SDPA
+        modes["padding-free, by record"] = (flat, "original", None, attention)
+    modes["+ chunked loss"] = (flat, "original", chunked, attention)
     batches = {}
-    for name, (collator, order, _) in modes.items():
+    for name, (collator, order, _, _) in modes.items():
         steps = [[encoded[i] for i in orders[order][start : start + args.batch]]
                  for start in range(0, len(encoded), args.batch)]  # fmt: skip
         batches[name] = [move(collator.collate(step), args) for step in steps]
@@ -183,24 +191,27 @@ def run_mix(args) -> dict[str, dict[str, float]]:
           f"{args.batch}: {describe_machine(args)}, {args.attn}")  # fmt: skip
     print(f"# {describe_language_model(model.config.text_config)}, vocabulary {args.vocab:,}, DCI over a "
           f"{describe_tower(model.config.vision_config)}, 576 placeholders per image")  # fmt: skip
-    print(f"{'mode':<27}{'tokens':>10}{'epoch s':>10}{'records/s':>11}{'mean loss':>11}{'peak step':>14}")
+    print(f"{'mode':<29}{'tokens':>10}{'epoch s':>10}{'records/s':>11}{'mean loss':>11}{'peak step':>14}")
     start_state = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     now = clock(args.device, args.threads)
     results = {}
-    for name, (_, _, loss) in modes.items():
+    for name, (_, _, loss, implementation) in modes.items():
         model.hidden_states_loss = loss
+        model.model.language_model.set_attn_implementation(implementation)
         mode_batches = batches[name]
         with torch.no_grad():
             for param_name, param in model.named_parameters():
                 if param.requires_grad:
                     param.copy_(start_state[param_name])
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        losses, began = [], now()
+        losses, optimizer_seconds, began = [], 0.0, now()
         for batch in [] if args.peak_only else mode_batches:
             loss = model(**batch).loss
             loss.backward()
+            stepping = now()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            optimizer_seconds += now() - stepping
             losses.append(loss.item())
         seconds = max(now() - began, 1e-9)
         largest = max(mode_batches, key=lambda batch: batch["input_ids"].numel())
@@ -208,19 +219,34 @@ def run_mix(args) -> dict[str, dict[str, float]]:
         model.zero_grad(set_to_none=True)
         tokens = sum(batch["input_ids"].numel() for batch in mode_batches)
         mean = sum(losses) / max(len(losses), 1)
-        results[name] = {"seconds": seconds, "loss": mean, "peak": peak, "tokens": tokens}
+        results[name] = {"seconds": seconds, "loss": mean, "peak": peak, "tokens": tokens,
+                         "optimizer": optimizer_seconds}  # fmt: skip
         timed = "" if args.peak_only else f"{seconds:>10.1f}{len(encoded) / seconds:>11.2f}{mean:>11.4f}"
-        print(f"{name:<27}{tokens:>10,}{timed or ' ' * 32}{mib(peak):>14}")
+        print(f"{name:<29}{tokens:>10,}{timed or ' ' * 32}{mib(peak):>14}")
     base = results["padded (original's order)"]
     grouped = results["padded, length-grouped"]
+    as_text = text_padding(encoded, orders["original"], model, args)
     print(f"# padded tokens / real tokens: {base['tokens'] / real:.2f} in the original's order, "
-          f"{grouped['tokens'] / real:.2f} length-grouped")  # fmt: skip
+          f"{grouped['tokens'] / real:.2f} length-grouped; counting an image as one token (the original's ids "
+          f"before the tower's features replace it): {as_text:.2f}")  # fmt: skip
+    if not args.peak_only:
+        last = results[list(modes)[-2]]
+        print(f"# optimizer steps: {last['optimizer'] / last['seconds']:.1%} of the {list(modes)[-2]} epoch "
+              "(what packing records into fewer steps could save at most)")  # fmt: skip
     for name in list(modes)[1:]:
         speed = f"records/s {base['seconds'] / results[name]['seconds']:.2f}x, "
         difference = f", mean loss difference {abs(results[name]['loss'] - base['loss']):.1e}"
         print(f"# {name} / padded in the original's order: {'' if args.peak_only else speed}peak step memory "
               f"{results[name]['peak'] / base['peak']:.2f}x{'' if args.peak_only else difference}")  # fmt: skip
     return results
+
+
+def text_padding(encoded: list, order: list[int], model, args) -> float:
+    """Padded / real tokens of the batches in `order` when each image counts as one token, not its placeholders."""
+    image_tokens = model.config.num_image_tokens()
+    lengths = [len(ids) - (image_tokens - 1 if pixels else 0) for ids, _, pixels in encoded]
+    steps = [order[start : start + args.batch] for start in range(0, len(order), args.batch)]
+    return sum(len(step) * max(lengths[i] for i in step) for step in steps) / sum(lengths)
 
 
 def move(batch, args) -> dict[str, torch.Tensor]:

@@ -6,7 +6,8 @@ bench/gpu.sh --tiny             # smoke test: tiny widths on the CPU (compilatio
 bench/gpu.sh --no-compile       # without the compiled static-cache decoding comparison
 
 The training part ends with `bench_training.py --mix` at 7B widths (8 layers): an epoch of the instruction mix,
-padded vs padding-free, with flash-attention's variable-length kernels when `flash-attn` is installed (SDPA else).
+padded vs padding-free, with flash-attention's variable-length kernels when `flash-attn` is installed (else SDPA over
+the whole row and SDPA record by record, as `--padding_free` runs without flash-attention).
 
 vLLM serving (`bench_vllm.py`, `bench_vllm_split.py`) is not part of it: vLLM cannot be installed on the GPU machine
 (no network there), so those run on the CPU in `.venv-vllm`.

@@ -2,13 +2,23 @@
 batch of the same records, with SDPA and eager attention, image and text-only records mixed, multi-turn records,
 LoRA, activation checkpointing and AnyRes."""
 
+import logging
+
 import pytest
 import torch
 from PIL import Image
+from test_training import finetune_args, save_tiny_checkpoint, write_dataset
 from tiny import anyres_processor, tiny_config, tiny_model, tiny_processor
 
 from dense_connector.chat_templates import CHAT_TEMPLATES
-from dense_connector.training import IGNORE_INDEX, DenseConnectorDataCollator, prepare_for_training
+from dense_connector.training import (
+    IGNORE_INDEX,
+    VARLEN_SDPA,
+    DenseConnectorDataCollator,
+    prepare_for_training,
+    use_varlen_sdpa,
+)
+from dense_connector.training import command as finetune
 
 
 def llava_record(turns, size=None):
@@ -110,3 +120,78 @@ def test_anyres_images_land_in_their_records(processor):
     padded, flat = padded_collator(RECORDS), flat_collator(RECORDS)
     assert padded["pixel_values"].shape[1] == 3  # images of different tile counts, padded to the most tiles
     assert_same_training_signal(model, padded, flat)
+
+
+def sdpa_query_lengths(monkeypatch) -> list[int]:
+    """The query length of every SDPA call from now on (the tower's and the language model's)."""
+    lengths, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, *args, **kwargs):
+        lengths.append(query.shape[-2])
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    return lengths
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_varlen_sdpa_attends_record_by_record_with_the_same_signal(processor, monkeypatch, training):
+    model = prepare_for_training(tiny_model(tiny_config(attn_implementation="sdpa")), "projector+lm")
+    assert "record by record" in use_varlen_sdpa(model)
+    assert model.model.language_model.config._attn_implementation == VARLEN_SDPA
+    assert use_varlen_sdpa(model) is None  # already switched: only SDPA is
+    model.train(training)
+    padded_collator, flat_collator = collators(processor)
+    padded, flat = padded_collator(RECORDS), flat_collator(RECORDS)
+    lengths = sdpa_query_lengths(monkeypatch)
+    assert_same_training_signal(model, padded, flat)
+    records = padded["attention_mask"].sum(1).tolist()
+    layers = model.config.text_config.num_hidden_layers
+    row = flat["input_ids"].shape[1]
+    # padded: the whole batch at once per layer; padding-free: each record by itself, never the whole row
+    assert lengths.count(padded["input_ids"].shape[1]) >= layers and row not in lengths
+    assert all(lengths.count(length) >= layers * records.count(length) for length in set(records))
+
+
+def test_varlen_sdpa_keeps_the_whole_row_where_records_cannot_be_split(monkeypatch):
+    config = tiny_config(attn_implementation="sdpa")
+    model = tiny_model(config).eval()
+    use_varlen_sdpa(model)
+    lengths = sdpa_query_lengths(monkeypatch)
+    vision = config.vision_config
+    tower = (vision.image_size // vision.patch_size) ** 2 + 1  # the tower's calls (on a zero image in training)
+    ids = torch.randint(3, config.text_config.vocab_size, (1, 12))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        model(input_ids=ids, position_ids=positions, use_cache=True)  # a cache: no packed-sequence mask, one row
+        assert set(lengths) - {tower} == {12}
+        lengths.clear()
+        model(input_ids=ids, position_ids=positions)  # training-style call: the two records
+        assert set(lengths) - {tower} == {5, 7}
+        lengths.clear()
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions)  # a 2D mask: one row
+        assert set(lengths) - {tower} == {12}
+
+
+def test_the_implementation_name_is_not_saved(tmp_path):
+    model = tiny_model(tiny_config(attn_implementation="sdpa"))
+    use_varlen_sdpa(model)
+    model.save_pretrained(tmp_path)
+    assert VARLEN_SDPA not in (tmp_path / "config.json").read_text()
+
+
+def test_train_with_padding_free_runs_sdpa_by_record_and_trains_as_padded(processor, tmp_path, caplog):
+    save_tiny_checkpoint(tmp_path / "base", processor)
+    data = write_dataset(tmp_path / "data", 4)
+    runs = {}
+    for name, extra in {"padded": [], "padding-free": ["--padding_free"]}.items():
+        extra = [*extra, "--logging_steps", "1"]
+        args = finetune_args(tmp_path / "base", data, tmp_path / name, "projector+lm", 2, extra)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            trainer = finetune.train(args)
+        runs[name] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        implementation = trainer.model.model.language_model.config._attn_implementation
+        padding_free = "--padding_free" in extra
+        assert (implementation == VARLEN_SDPA) == padding_free and ("record by record" in caplog.text) == padding_free
+    assert len(runs["padded"]) == 2 and runs["padding-free"] == pytest.approx(runs["padded"], rel=1e-4)

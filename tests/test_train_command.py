@@ -299,3 +299,22 @@ def test_check_data_on_a_dataset_whose_images_are_paths(base, tmp_path, capsys):
     assert command.main([*args, "--image_folder", str(tmp_path)], "check-data") == 1
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and f"{tmp_path / 'paths'} record 0: `image`: {tmp_path / '0.png'} is not found" in lines[0]
+
+
+def test_streamed_bad_records_are_skipped_into_the_skipped_file(base, tmp_path):
+    from datasets import Dataset
+
+    good = [{"from": "human", "value": "Color?"}, {"from": "gpt", "value": "red"}]
+    no_reply = [{"from": "human", "value": "Color?"}]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Dataset.from_dict({"conversations": [good, no_reply, good, good, good]}).to_parquet(folder / "train.parquet")
+    args = ["--model_name_or_path", str(base), "--max_steps", "2", *COMMON, "--dataset_name", str(folder),
+            "--streaming"]  # fmt: skip
+    with pytest.raises(command.DataError, match="record 1: .* no `gpt` turn .*--skip_bad_records skips such records"):
+        command.train([*args, "--output_dir", str(tmp_path / "a")])
+    assert not (tmp_path / "a").exists()
+    trainer = command.train([*args, "--skip_bad_records", "--output_dir", str(tmp_path / "b")])
+    assert trainer.state.global_step == 2
+    lines = (tmp_path / "b" / "skipped_records.txt").read_text().splitlines()
+    assert len(lines) == 1 and "record 1" in lines[0], lines

@@ -70,8 +70,9 @@ def check_model(name: str | None) -> None:
     raise UsageError(f"{name} is a {config.get('model_type')!r} checkpoint, not a Dense Connector one")
 
 
-def streamed_check(checker: RecordChecker, name: str, skip: bool):
-    """The check of a streamed source's records, one at a time as they come."""
+def streamed_check(checker: RecordChecker, name: str, skip: bool, skipped_file: Path):
+    """The check of a streamed source's records, one at a time as they come; with `skip`, each bad record is logged
+    and added to `skipped_file` as it is found (the whole list is not known before training)."""
 
     def check(record, number):
         bad, _ = checker.check({number: record}, [number], name)
@@ -79,13 +80,16 @@ def streamed_check(checker: RecordChecker, name: str, skip: bool):
             return record
         if skip:
             logger.warning(f"skipped {bad[0].line()}")
+            skipped_file.parent.mkdir(parents=True, exist_ok=True)
+            with skipped_file.open("a") as file:
+                file.write(bad[0].line() + "\n")
             return None
         raise DataError(f"{bad[0].line()} (--skip_bad_records skips such records)")
 
     return check
 
 
-def training_data(data_args, processor, seed: int = 0):
+def training_data(data_args, processor, seed: int = 0, output_dir: str = "."):
     """The checked training records (a mixture when several sources are given), and the data check's reports."""
     sources = sources_from(data_args)
     checker = RecordChecker(processor, data_args.model_max_length)
@@ -95,7 +99,8 @@ def training_data(data_args, processor, seed: int = 0):
         if isinstance(records, StreamedRecords):
             if len(sources) > 1:
                 raise UsageError(f"{source.name}: a streamed source cannot be mixed with others; drop `streaming`")
-            records.check = streamed_check(checker, source.name, data_args.skip_bad_records)
+            skipped_file = Path(output_dir) / SKIPPED_FILE
+            records.check = streamed_check(checker, source.name, data_args.skip_bad_records, skipped_file)
             parts.append(records)
             continue
         report = check_records(records, checker, source.name, data_args.check_workers)
@@ -136,7 +141,7 @@ def build_trainer(model_args, data_args, training_args) -> DenseConnectorTrainer
     check_model(model_args.model_name_or_path)
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
     set_chat_template(processor, data_args.version)
-    train_dataset, reports = training_data(data_args, processor, training_args.seed)
+    train_dataset, reports = training_data(data_args, processor, training_args.seed, training_args.output_dir)
     if isinstance(train_dataset, StreamedRecords):
         if training_args.max_steps <= 0:
             raise UsageError("--streaming needs --max_steps: a stream has no length to count epochs by")

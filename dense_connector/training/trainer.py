@@ -23,6 +23,7 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
+from .attention import use_varlen_sdpa
 from .collator import DenseConnectorDataCollator
 from .data import record_to_messages
 from .losses import use_memory_efficient_loss
@@ -130,8 +131,9 @@ class ModalityLengthGroupedSampler(Sampler):
 
 
 class DenseConnectorTrainer(Trainer):
-    """`Trainer` with the samplers, projector learning rate and projector-only saving of the original's, and a loss
-    that never holds the full logits with `--use_liger_kernel` or `--loss_chunk_size`.
+    """`Trainer` with the samplers, projector learning rate and projector-only saving of the original's, a loss
+    that never holds the full logits with `--use_liger_kernel` or `--loss_chunk_size`, and SDPA record by record
+    (`attention.VARLEN_SDPA`) with a padding-free collator.
 
     `dense-connector train` sets `throughput` (a `progress.Throughput` callback: tokens/s, samples/s and ETA added
     to the training logs) and `eval_task` (called on the model and processor at each evaluation, its metrics logged
@@ -149,6 +151,10 @@ class DenseConnectorTrainer(Trainer):
             # done here for the language model: the stock Trainer would patch by the model's own model_type, which
             # Liger does not know, and fail where liger-kernel is not installed
             self.args.use_liger_kernel = False
+        if isinstance(self.data_collator, DenseConnectorDataCollator) and self.data_collator.padding_free:
+            line = use_varlen_sdpa(self.model)
+            if line:
+                logger.warning(line)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         if self.throughput is not None and model.training:
