@@ -195,3 +195,23 @@ def test_train_with_padding_free_runs_sdpa_by_record_and_trains_as_padded(proces
         padding_free = "--padding_free" in extra
         assert (implementation == VARLEN_SDPA) == padding_free and ("record by record" in caplog.text) == padding_free
     assert len(runs["padded"]) == 2 and runs["padding-free"] == pytest.approx(runs["padded"], rel=1e-4)
+
+
+@pytest.mark.parametrize("window", [None, 4], ids=["full", "sliding-window"])
+def test_varlen_sdpa_splits_only_causal_full_attention_layers(window):
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from dense_connector.training.attention import varlen_sdpa_attention
+
+    query, key, value = torch.randn(3, 1, 2, 12, 8).unbind(0)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])
+    mask = torch.ones(12, 12, dtype=torch.bool).tril()
+    mask[5:, :5] = False  # the packed-sequence mask transformers builds for the row
+    if window:
+        mask &= torch.ones(12, 12, dtype=torch.bool).triu(-window + 1)
+    module = SimpleNamespace(sliding_window=window, is_causal=True)
+    output, _ = varlen_sdpa_attention(module, query, key, value, mask[None, None], position_ids=positions)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask[None, None])
+    torch.testing.assert_close(output, expected)

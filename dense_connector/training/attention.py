@@ -47,7 +47,8 @@ def varlen_sdpa_attention(
     """
     length = query.shape[2]
     bounds = record_bounds(position_ids, length) if attention_mask is not None and key.shape[2] == length else None
-    if bounds is None or getattr(module, "sliding_window", None) or not getattr(module, "is_causal", True):
+    windowed = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if bounds is None or windowed or not getattr(module, "is_causal", True):
         return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
     outputs = [
         sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True,
