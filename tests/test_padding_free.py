@@ -197,8 +197,8 @@ def test_train_with_padding_free_runs_sdpa_by_record_and_trains_as_padded(proces
     assert len(runs["padded"]) == 2 and runs["padding-free"] == pytest.approx(runs["padded"], rel=1e-4)
 
 
-@pytest.mark.parametrize("window", [None, 4], ids=["full", "sliding-window"])
-def test_varlen_sdpa_splits_only_causal_full_attention_layers(window):
+@pytest.mark.parametrize("window", [None, 7, 4], ids=["full", "window-7", "window-4"])
+def test_varlen_sdpa_splits_causal_layers_where_no_window_cuts_a_record(window, monkeypatch):
     from types import SimpleNamespace
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -206,12 +206,14 @@ def test_varlen_sdpa_splits_only_causal_full_attention_layers(window):
     from dense_connector.training.attention import varlen_sdpa_attention
 
     query, key, value = torch.randn(3, 1, 2, 12, 8).unbind(0)
-    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])  # records of 5 and 7 tokens
     mask = torch.ones(12, 12, dtype=torch.bool).tril()
     mask[5:, :5] = False  # the packed-sequence mask transformers builds for the row
-    if window:
+    if window:  # transformers' sliding window: a query sees itself and the window - 1 tokens before it
         mask &= torch.ones(12, 12, dtype=torch.bool).triu(-window + 1)
     module = SimpleNamespace(sliding_window=window, is_causal=True)
-    output, _ = varlen_sdpa_attention(module, query, key, value, mask[None, None], position_ids=positions)
     expected, _ = sdpa_attention_forward(module, query, key, value, mask[None, None])
+    lengths = sdpa_query_lengths(monkeypatch)
+    output, _ = varlen_sdpa_attention(module, query, key, value, mask[None, None], position_ids=positions)
     torch.testing.assert_close(output, expected)
+    assert lengths == ([12] if window == 4 else [5, 7])

@@ -5,9 +5,9 @@ transformers reads that as packed sequences and masks attention across records, 
 score of every pair of tokens in the row: 8 records of 700 tokens cost 8x their attention. Flash-attention's
 variable-length kernels skip that work; `varlen_sdpa_attention` does the same with PyTorch's own SDPA, one call per
 record, wherever SDPA runs (CPUs, and GPUs without flash-attention installed). Everything else (padded batches,
-generation with a cache, sliding-window layers) is transformers' SDPA unchanged. It is registered with transformers
-as the attention implementation `VARLEN_SDPA` when this module is imported; implementation names are not saved with
-a checkpoint, so a model trained with it loads anywhere with SDPA.
+generation with a cache, sliding windows shorter than a record) is transformers' SDPA unchanged. It is registered
+with transformers as the attention implementation `VARLEN_SDPA` when this module is imported; implementation names
+are not saved with a checkpoint, so a model trained with it loads anywhere with SDPA.
 """
 
 import torch
@@ -43,12 +43,14 @@ def varlen_sdpa_attention(
 
     transformers builds a mask for packed rows only without a cache and without a 2D attention mask; it is the mask's
     presence, together with positions that restart and a key as long as the query, that marks such a row here. Only
-    causal full-attention layers are split (a sliding window or a bidirectional layer keeps the masked whole row).
+    causal layers are split, and sliding-window ones only where no record is longer than the window (the window then
+masks nothing); a bidirectional layer keeps the masked whole row.
     """
     length = query.shape[2]
     bounds = record_bounds(position_ids, length) if attention_mask is not None and key.shape[2] == length else None
-    windowed = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    if bounds is None or windowed or not getattr(module, "is_causal", True):
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    longest = max((b - a for a, b in zip(bounds, bounds[1:])), default=0) if bounds else 0
+    if bounds is None or (window and longest > window) or not getattr(module, "is_causal", True):
         return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
     outputs = [
         sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True,
