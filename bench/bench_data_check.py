@@ -2,7 +2,8 @@
 
 Writes a mix of `--records` records in the LLaVA format (one in five text-only, some multi-turn, as the 665K mix) and
 `--images` small PNG and JPEG files they point to, then times `check_records` with the bundled demo checkpoint's
-processor with 1 worker and with `--workers` workers, and the image part alone with headers only (what the check
+processor with 1 worker and with `--workers` workers, the exact token lengths the length-grouped samplers read
+(`DenseConnectorDataCollator.token_lengths`) the same way, and the image part alone with headers only (what the check
 reads) against decoding every image (what a check that loads them would cost).
 
     python bench/bench_data_check.py                       # 665,000 records
@@ -21,6 +22,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 import dense_connector  # noqa: F401
+from dense_connector.training import DenseConnectorDataCollator
 from dense_connector.training.checks import RecordChecker, check_records, image_size
 from dense_connector.training.sources import Source, load_records
 
@@ -75,6 +77,16 @@ def main() -> None:
             report = check_records(records, checker, "mix.json", workers)
             timings[workers] = report.seconds
             print(f"{workers} worker(s): {report.summary()} -> {report.checked / report.seconds:,.0f} records/s")
+        if len(timings) > 1:
+            print(f"speed-up with {args.workers} workers: {timings[1] / timings[args.workers]:.2f}x")
+        # the exact lengths --group_by_length / --group_by_modality_length read, before the first step
+        collator = DenseConnectorDataCollator(processor, image_folder=tmp, max_length=2048)
+        timings = {}
+        for workers in sorted({1, args.workers}):
+            started = time.perf_counter()
+            collator.token_lengths(records, workers)
+            timings[workers] = time.perf_counter() - started
+            print(f"token lengths, {workers} worker(s): {len(records) / timings[workers]:,.0f} records/s")
         if len(timings) > 1:
             print(f"speed-up with {args.workers} workers: {timings[1] / timings[args.workers]:.2f}x")
         paths = [str(path) for path in sorted((Path(tmp) / "images").iterdir())]

@@ -2,6 +2,7 @@
 rate, and stage 1's projector-only output read back by stage 2."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -79,9 +80,12 @@ def test_token_lengths_are_the_encoded_lengths_without_loading_images(anyres, tm
         {"role": "assistant", "content": "black"}]}]  # fmt: skip
     encoded = [len(collator.encode(record)[0]) for record in records]
     monkeypatch.setattr(collator, "load_image", None)  # lengths never decode an image
-    assert collator.token_lengths(records) == [encoded[0], encoded[1], encoded[2], -encoded[3], encoded[4]]
+    expected = [encoded[0], encoded[1], encoded[2], -encoded[3], encoded[4]]
+    assert collator.token_lengths(records) == expected
     if anyres:
         assert len(set(encoded[:3])) == 3  # the images' sizes change their placeholder counts
+    many = records * 500  # 2,500 records: chunks of 1,000 in forked workers give the lengths of one process
+    assert collator.token_lengths(many, workers=2) == collator.token_lengths(many, workers=1) == expected * 500
     collator.max_length = 20
     assert collator.token_lengths(records[3:4]) == [-min(encoded[3], 20)]
 
@@ -228,3 +232,17 @@ def test_version_sets_the_template_and_the_stop_tokens():
     processor.chat_template = None
     with pytest.raises(UsageError, match="pass --version"):
         finetune.set_conversation_format(processor, model, None)
+
+
+def chunk_owner(work, start, stop):
+    return work, os.getpid(), start, stop
+
+
+def test_map_chunks_runs_chunks_in_forked_workers_in_order():
+    from dense_connector.training.parallel import map_chunks
+
+    results = map_chunks(chunk_owner, "work", 3500, workers=2)
+    assert [(start, stop) for _, _, start, stop in results] == [(0, 1000), (1000, 2000), (2000, 3000), (3000, 3500)]
+    assert {work for work, *_ in results} == {"work"} and os.getpid() not in {pid for _, pid, _, _ in results}
+    assert {pid for _, pid, _, _ in map_chunks(chunk_owner, "work", 3500, workers=1)} == {os.getpid()}
+    assert map_chunks(chunk_owner, "work", 0) == []

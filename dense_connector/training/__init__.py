@@ -5,8 +5,8 @@ Modules, each using only those listed after it: `command` (`dense-connector trai
 mixtures), `checks` (the data check), `trainer` (the original's sampler, projector learning rate and stage-1
 projector file), `attention` (SDPA record by record for padding-free rows), `losses` (losses that never hold the
 full logits: chunked, Liger), `regimes` (which parameters train), `collator` (records to batches with masked labels,
-padded or padding-free), `data` (instruction files and records). Only `trainer` and those after it are imported
-here; `recipes/` holds the bundled recipes.
+padded or padding-free), `data` (instruction files and records), `parallel` (work over every record in forked
+processes). Only `trainer` and those after it are imported here; `recipes/` holds the bundled recipes.
 """
 
 from .attention import VARLEN_SDPA, use_varlen_sdpa

@@ -11,11 +11,8 @@ a source in forked worker processes, chunk by chunk, each chunk's texts tokenise
 
 import difflib
 import io
-import multiprocessing
-import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +21,11 @@ from PIL import Image
 
 from ..chat_templates import CHAT_TEMPLATES
 from .data import LLAVA_ROLES
+from .parallel import map_chunks
 
 
 CHAT_ROLES = ("user", "assistant", "system")
 KNOWN_KEYS = ("conversations", "messages", "image", "images")
-CHUNK = 1000
 MAX_LINES = 50
 
 
@@ -287,36 +284,16 @@ def record_label(source: str, index: int, record: Any) -> str:
     return label
 
 
-_WORK: tuple | None = None  # (checker, records, source) for forked workers
-
-
-def check_chunk(start: int, stop: int) -> tuple[list[BadRecord], int]:
-    checker, records, source = _WORK
+def check_chunk(work: tuple, start: int, stop: int) -> tuple[list[BadRecord], int]:
+    checker, records, source = work
     return checker.check(records, range(start, stop), source)
-
-
-def default_workers() -> int:
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, min(16, (os.cpu_count() or 1) // local_ranks))
 
 
 def check_records(records: Sequence, checker: RecordChecker, source: str, workers: int | None = None) -> DataReport:
     """Check every record of `records`, in `workers` forked processes when there are enough records."""
-    global _WORK
-    started, workers = time.perf_counter(), workers or default_workers()
-    chunks = [(start, min(start + CHUNK, len(records))) for start in range(0, len(records), CHUNK)]
+    started = time.perf_counter()
     report = DataReport(source, len(records))
-    if workers > 1 and len(chunks) > 1 and "fork" in multiprocessing.get_all_start_methods():
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        _WORK = (checker, records, source)
-        try:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                results = list(pool.map(check_chunk, *zip(*chunks)))
-        finally:
-            _WORK = None
-    else:
-        results = [checker.check(records, range(start, stop), source) for start, stop in chunks]
-    for bad, truncated in results:
+    for bad, truncated in map_chunks(check_chunk, (checker, records, source), len(records), workers):
         report.bad += bad
         report.truncated += truncated
     report.seconds = time.perf_counter() - started

@@ -22,6 +22,7 @@ from transformers import BatchFeature, DataCollatorWithFlattening
 
 from ..chat_templates import CHAT_TEMPLATES
 from .data import record_name, record_to_messages
+from .parallel import map_chunks
 
 
 logger = logging.getLogger(__name__)
@@ -207,21 +208,29 @@ class DenseConnectorDataCollator:
         pixels = {key: encoded[key] for key in IMAGE_KEYS if key in encoded}
         return input_ids, labels, pixels
 
-    def token_lengths(self, records: Sequence[dict]) -> list[int]:
+    def token_lengths(self, records: Sequence[dict], workers: int | None = None) -> list[int]:
         """Each record's tokens after image expansion, as `encode` counts them (at most `max_length`), positive for
-        records with images and negative for text-only ones (the sign the modality-grouped sampler reads).
+        records with images and negative for text-only ones (the sign the modality-grouped sampler reads), computed
+        in `workers` forked processes (default: the CPUs this process's share of the machine has).
 
         The text is rendered and tokenised as `encode` does it; the images are not loaded: an image's placeholders
         come from the processor's tower input size, and with AnyRes from the image's size (a PIL image's, or the
         file header's). A record `encode` would refuse counts its text alone here; `encode` names it later.
         """
         began = time.perf_counter()
+        chunks = map_chunks(chunk_token_lengths, (self, records), len(records), workers)
+        lengths = [length for chunk in chunks for length in chunk]
+        logger.info(f"Token lengths of {len(lengths)} records in {time.perf_counter() - began:.1f} s.")
+        return lengths
+
+    def record_token_lengths(self, records: Sequence[dict], indices: range) -> list[int]:
+        """`token_lengths` of the records at `indices`, in this process."""
         processor, tokenizer = self.processor, self.processor.tokenizer
         adds_bos = tokenizer.bos_token_id is not None and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
         anyres = getattr(processor.image_processor, "image_grid_pinpoints", None) is not None
         lengths = []
-        for record in records:
-            messages, image_refs = record_to_messages(record, processor.image_token)
+        for index in indices:
+            messages, image_refs = record_to_messages(records[index], processor.image_token)
             text = processor.apply_chat_template(messages, tokenize=False)
             sizes = [self.image_size(ref) if anyres else (1, 1) for ref in image_refs]
             counts = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens if sizes else []
@@ -229,7 +238,6 @@ class DenseConnectorDataCollator:
             length = len(processor._tokenize(text, adds_bos, replacements)[0])
             length = min(length, self.max_length or length)
             lengths.append(length if image_refs else -length)
-        logger.info(f"Token lengths of {len(lengths)} records in {time.perf_counter() - began:.1f} s.")
         return lengths
 
     def image_size(self, image: str | Path | Image.Image) -> tuple[int, int]:
@@ -279,6 +287,11 @@ class DenseConnectorDataCollator:
             "attention_mask": torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids, _, _ in encoded]),
             "labels": torch.tensor([labels + [IGNORE_INDEX] * (length - len(labels)) for _, labels, _ in encoded]),
         }
+
+
+def chunk_token_lengths(work: tuple, start: int, stop: int) -> list[int]:
+    collator, records = work
+    return collator.record_token_lengths(records, range(start, stop))
 
 
 def concat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
