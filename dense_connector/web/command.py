@@ -38,7 +38,7 @@ def add_web_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help=MODEL_HELP + " (default: the bundled demo)")
-    parser.add_argument("--image", required=True, help="the image to look at")
+    parser.add_argument("--image", required=True, help="the image to look at: a path or an http(s) URL")
     parser.add_argument("--output", required=True, help="PNG file to write the grid of maps to")
     parser.add_argument("--device", default="auto", help="torch device, e.g. cpu or cuda (default: cuda if available)")
 
@@ -71,8 +71,7 @@ def web(args: argparse.Namespace) -> int:
 
 
 def attention_maps(args: argparse.Namespace) -> int:
-    from PIL import Image, UnidentifiedImageError
-
+    from dense_connector.chat_command import load_image
     from dense_connector.web.attention import draw_attention_grid, grid_shape, layer_attention
 
     output = Path(args.output)
@@ -80,13 +79,7 @@ def attention_maps(args: argparse.Namespace) -> int:
         raise UsageError(f"--output must be a .png file, not {args.output}")
     if not output.parent.is_dir():
         raise UsageError(f"the folder of --output does not exist: {output.parent}")
-    try:
-        with Image.open(args.image) as opened:
-            image = opened.convert("RGB")
-    except FileNotFoundError as error:
-        raise UsageError(f"image not found: {args.image}") from error
-    except (UnidentifiedImageError, OSError) as error:
-        raise UsageError(f"{args.image} is not an image that Pillow can read") from error
+    image = load_image(args.image)  # a path or an http(s) URL, as for `chat`
     model, processor = load_checkpoint(default_model(args.model), args.device)
     result = layer_attention(model, processor, image)
     picture = draw_attention_grid(result)
