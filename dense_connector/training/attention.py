@@ -67,10 +67,10 @@ AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)
 def use_varlen_sdpa(model: nn.Module) -> str | None:
     """Switch the language model of `model` (a Dense Connector model, or a PEFT model around one) from SDPA to
     `VARLEN_SDPA` for padding-free batches. Returns one line saying so, or `None` where it uses another attention
-    (flash-attention's own varlen kernels, eager, flex)."""
+    (flash-attention's own varlen kernels, eager, flex) or is not a Dense Connector model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    language_model = base.model.language_model
-    if language_model.config._attn_implementation != "sdpa":
+    language_model = getattr(getattr(base, "model", None), "language_model", None)
+    if language_model is None or language_model.config._attn_implementation != "sdpa":
         return None
     language_model.set_attn_implementation(VARLEN_SDPA)
     return ("Padding-free batches: the language model's SDPA attention runs record by record "
