@@ -285,7 +285,10 @@ def main(
             return list_recipes()
         if command == "check-data":
             return check_data(argv, prog, description)
-        train(argv, prog, description)
+        trainer = train(argv, prog, description)
+        # the process group's threads must stop before the interpreter exits, or a process can abort at exit
+        # ("terminate called without an active exception") after a successful run
+        trainer.accelerator.end_training()
         return 0
     except KeyboardInterrupt:
         print(file=sys.stderr)
