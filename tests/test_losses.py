@@ -7,13 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_padding_free import RECORDS, loss_and_gradients
-from test_training import finetune_args, save_tiny_checkpoint, write_dataset
+from test_training import save_tiny_checkpoint, two_logged_steps, write_dataset
 from tiny import tiny_config, tiny_model, tiny_processor
 
 from dense_connector.chat_templates import CHAT_TEMPLATES
 from dense_connector.measurement import peak_bytes
 from dense_connector.training import DenseConnectorDataCollator, prepare_for_training, use_memory_efficient_loss
-from dense_connector.training import command as finetune
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +72,7 @@ def test_use_liger_kernel_on_cpu_says_so_and_trains_as_without(processor, tmp_pa
     data = write_dataset(tmp_path / "data", 4)
     runs = {}
     for name, extra in {"stock": [], "liger": ["--use_liger_kernel"]}.items():
-        extra = [*extra, "--logging_steps", "1"]
-        args = finetune_args(tmp_path / "base", data, tmp_path / name, "projector+lm", 2, extra)
         with caplog.at_level(logging.WARNING):
-            trainer = finetune.train(args)
-        runs[name] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+            _, runs[name] = two_logged_steps(tmp_path / "base", data, tmp_path / name, extra)
     assert "Liger's kernels are Triton, for CUDA GPUs" in caplog.text
     assert len(runs["stock"]) == 2 and runs["liger"] == pytest.approx(runs["stock"], rel=1e-4)

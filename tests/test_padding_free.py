@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 from PIL import Image
-from test_training import finetune_args, save_tiny_checkpoint, write_dataset
+from test_training import save_tiny_checkpoint, two_logged_steps, write_dataset
 from tiny import anyres_processor, tiny_config, tiny_model, tiny_processor
 
 from dense_connector.chat_templates import CHAT_TEMPLATES
@@ -18,7 +18,6 @@ from dense_connector.training import (
     prepare_for_training,
     use_varlen_sdpa,
 )
-from dense_connector.training import command as finetune
 
 
 def llava_record(turns, size=None):
@@ -185,14 +184,11 @@ def test_train_with_padding_free_runs_sdpa_by_record_and_trains_as_padded(proces
     data = write_dataset(tmp_path / "data", 4)
     runs = {}
     for name, extra in {"padded": [], "padding-free": ["--padding_free"]}.items():
-        extra = [*extra, "--logging_steps", "1"]
-        args = finetune_args(tmp_path / "base", data, tmp_path / name, "projector+lm", 2, extra)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            trainer = finetune.train(args)
-        runs[name] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+            trainer, runs[name] = two_logged_steps(tmp_path / "base", data, tmp_path / name, extra)
         implementation = trainer.model.model.language_model.config._attn_implementation
-        padding_free = "--padding_free" in extra
+        padding_free = bool(extra)
         assert (implementation == VARLEN_SDPA) == padding_free and ("record by record" in caplog.text) == padding_free
     assert len(runs["padded"]) == 2 and runs["padding-free"] == pytest.approx(runs["padded"], rel=1e-4)
 

@@ -329,6 +329,13 @@ def finetune_args(checkpoint, data, output, tune, steps, extra=()):
     ]  # fmt: skip
 
 
+def two_logged_steps(checkpoint, data, output, extra=()):
+    """`dense-connector train` (in this process) for 2 logged steps of `projector+lm`; the Trainer and its losses."""
+    extra = [*extra, "--logging_steps", "1"]
+    trainer = command.train(finetune_args(checkpoint, data, output, "projector+lm", 2, extra))
+    return trainer, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
 def batch_loss(model, batch):
     with torch.no_grad():
         return model(**batch).loss.item()
