@@ -213,3 +213,15 @@ def test_varlen_sdpa_splits_causal_layers_where_no_window_cuts_a_record(window, 
     output, _ = varlen_sdpa_attention(module, query, key, value, mask[None, None], position_ids=positions)
     torch.testing.assert_close(output, expected)
     assert lengths == ([12] if window == 4 else [5, 7])
+
+
+def test_throughput_counts_the_records_of_a_padding_free_row(processor):
+    from dense_connector.training.progress import Throughput
+
+    padded_collator, flat_collator = collators(processor)
+    counts = {}
+    for name, collator in {"padded": padded_collator, "padding-free": flat_collator}.items():
+        throughput = Throughput(processor.image_token_id)
+        throughput.count(collator(RECORDS))
+        counts[name] = throughput.counts.tolist()
+    assert counts["padding-free"] == counts["padded"] and counts["padded"][2] == len(RECORDS)

@@ -41,7 +41,11 @@ class Throughput(TrainerCallback):
         mask = inputs.get("attention_mask")
         tokens = int(mask.sum()) if mask is not None else input_ids.numel()
         images = int((input_ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
-        records = input_ids.shape[0] if input_ids.dim() > 1 and mask is not None else 1
+        positions = inputs.get("position_ids")
+        if mask is None and positions is not None:  # a padding-free row: a record starts at every position 0
+            records = int((positions == 0).sum())
+        else:
+            records = input_ids.shape[0] if input_ids.dim() > 1 else 1
         self.counts += torch.tensor([tokens - images, images, records], dtype=torch.float64)
 
     def metrics(self, trainer) -> dict[str, float]:
